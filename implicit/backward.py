@@ -1,0 +1,59 @@
+"""The `BackwardStrategy` interface: how a DEQ layer makes its fixed point differentiable.
+
+A strategy receives the problem and a solver and returns a differentiable ``z*``. It decides
+*how* the solver runs (under ``no_grad`` with an implicit gradient attached, under autograd for
+unrolling, …) but never inspects *which* solver it is (optimistix's ``ImplicitAdjoint`` idea).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, ClassVar, Optional
+
+import attrs
+import torch
+
+from .solution import Solution
+from .solver import FlatFn, FlatResult, Solver
+from .state import StateSpec
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Problem:
+    """A fixed-point problem ``z = fn(z)`` on flat ``(B, n)`` states.
+
+    Attributes:
+        fn: the cell with its input injection bound; differentiable with respect to the cell's
+            parameters and the injection (so to ``x``) when called with grad enabled.
+        z0: the detached initial iterate.
+        spec: the structure of the state (to unflatten records); ``None`` for flat problems.
+        what: names the solve in warnings and errors.
+        requires_grad: whether anything ``fn`` depends on requires grad (parameters or ``x``).
+        on_backward_solution: called with the record of any solve made during backward
+            (e.g. the IFT adjoint solve), so the layer can expose it.
+    """
+
+    fn: FlatFn
+    z0: torch.Tensor
+    spec: Optional[StateSpec] = None
+    what: str = "DEQ forward solve"
+    requires_grad: bool = True
+    on_backward_solution: Optional[Callable[[Solution], None]] = None
+
+    @property
+    def needs_graph(self) -> bool:
+        """True when the caller wants a differentiable result (grad mode on and something
+        requires grad)."""
+        return torch.is_grad_enabled() and self.requires_grad
+
+
+@attrs.frozen(kw_only=True)
+class BackwardStrategy(abc.ABC):
+    """Base class of backward strategies (``@attrs.frozen(kw_only=True)`` subclasses)."""
+
+    name: ClassVar[str] = "backward"
+
+    @abc.abstractmethod
+    def __call__(self, problem: Problem, solver: Solver) -> FlatResult:
+        """Solve ``problem`` with ``solver`` and return a result whose ``z`` is differentiable
+        (when ``problem.needs_graph``) and whose ``solution`` is the forward record."""

@@ -1,0 +1,89 @@
+"""The `Cell` interface: the map f(z, x) whose fixed point a DEQ layer finds.
+
+A cell splits f into an input injection computed once per solve and an update applied at every
+iteration (Kolter, Duvenaud & Johnson, "Deep Implicit Layers", ch. 4: precompute ``Ux + b``)::
+
+    u = cell.injection(x)          # once per forward; reused by the backward pass
+    z_next = cell.update(z, u)     # every iteration
+    cell(z, x) == cell.update(z, cell.injection(x))
+
+States may be a tensor or a tuple/list of tensors (multiscale cells); dimension 0 is the batch.
+Any plain ``nn.Module`` whose ``forward(z, x)`` returns the next state is accepted by
+:class:`implicit.DEQ` too: its injection is ``x`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .state import State
+
+
+class Cell(nn.Module):
+    """Base class for DEQ cells. Override :meth:`update`; optionally :meth:`injection` and
+    :meth:`init_state`.
+
+    Example::
+
+        class Tanh(Cell):
+            def __init__(self, d):
+                super().__init__()
+                self.W, self.U = nn.Linear(d, d, bias=False), nn.Linear(d, d)
+            def injection(self, x):
+                return self.U(x)
+            def update(self, z, u):
+                return torch.tanh(self.W(z) + u)
+    """
+
+    def injection(self, x: Any) -> Any:
+        """Precompute whatever of f depends on ``x`` alone (default: ``x`` itself)."""
+        return x
+
+    def update(self, z: State, u: Any) -> State:
+        """One application of f given the precomputed injection ``u``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update(z, u)")
+
+    def init_state(self, x: Any) -> State:
+        """The initial state z0 for input ``x`` (default: zeros shaped like ``x``).
+
+        Override when the state's shape differs from the input's.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.init_state cannot derive z0 from a "
+                f"{type(x).__name__}; override init_state(x) or pass z0="
+            )
+        return torch.zeros_like(x)
+
+    def forward(self, z: State, x: Any) -> State:
+        return self.update(z, self.injection(x))
+
+
+def check_cell(cell: object) -> None:
+    """Raise a clear error unless ``cell`` can serve as a DEQ cell."""
+    if not isinstance(cell, nn.Module):
+        raise TypeError(
+            "a DEQ cell must be an nn.Module with forward(z, x) (or an implicit.Cell), "
+            f"got {type(cell).__name__}"
+        )
+
+
+def injection_of(cell: nn.Module, x: Any) -> Any:
+    """``cell.injection(x)`` for an :class:`Cell`; ``x`` itself for a plain module."""
+    return cell.injection(x) if isinstance(cell, Cell) else x
+
+
+def update_of(cell: nn.Module, z: State, u: Any) -> State:
+    """One application of f: ``cell.update(z, u)``, or ``cell(z, u)`` for a plain module."""
+    return cell.update(z, u) if isinstance(cell, Cell) else cell(z, u)
+
+
+def init_state_of(cell: nn.Module, x: Any) -> State:
+    """z0 from the cell's ``init_state(x)`` when it has one, else zeros shaped like ``x``."""
+    init = getattr(cell, "init_state", None)
+    if callable(init):
+        return init(x)
+    return Cell.init_state(cell, x)  # type: ignore[arg-type]

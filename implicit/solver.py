@@ -1,0 +1,221 @@
+"""The `Solver` interface and the one loop that runs every solver.
+
+A solver only says how to take a step (``init`` / ``step``); :func:`iterate` owns iteration,
+per-sample stopping, masking, best-iterate tracking, telemetry and the status of the result.
+The problem is always ``z = f(z)`` on a flat batch ``z`` of shape ``(B, n)``.
+
+Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apart):
+
+* a sample stops when its residual (``stop="abs"`` or ``"rel"``, see :mod:`implicit.solution`)
+  is ``≤ tol``, or it becomes non-finite, or it diverges (abs residual above
+  ``divergence_factor`` × the smallest seen); from then on its iterate no longer changes;
+* ``nfe[i]`` counts calls of ``f`` made while sample i was active; ``n_calls`` counts calls of
+  ``f`` on the batch and is what ``max_iter`` bounds (the first evaluation ``f(z0)`` included);
+* the returned iterate of each sample is the best one seen by its stopping residual.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, ClassVar
+
+import attrs
+import torch
+from attrs import validators as v
+
+from .solution import POLICIES, STOP_MODES, Solution, Status, apply_policy
+from .state import StateSpec
+
+FlatFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _nonnegative_number(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Solver(abc.ABC):
+    """Base class of fixed-point solvers for ``z = f(z)``.
+
+    Subclasses are ``@attrs.frozen(kw_only=True)`` classes adding their own options and
+    implementing :meth:`step` (and :meth:`init` when they keep state such as a history).
+    The options below are shared by every solver and consumed by :func:`iterate`.
+
+    Rules for ``step``: call ``fn`` (it counts calls) on the whole batch; never write in place
+    into the tensors you are given (they may be the caller's); return the next iterate and
+    ``fn`` of it. Rows of samples that are no longer active are discarded by the loop.
+    """
+
+    name: ClassVar[str] = "solver"
+
+    tol: float = attrs.field(default=1e-4, validator=_nonnegative_number)
+    max_iter: int = attrs.field(default=50, validator=_positive_int)
+    stop: str = attrs.field(default="rel", validator=v.in_(STOP_MODES))
+    policy: str = attrs.field(default="warn", validator=v.in_(POLICIES))
+    divergence_factor: float = attrs.field(default=1e8, validator=_nonnegative_number)
+    trace: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    check_every: int = attrs.field(default=1, validator=_positive_int)
+
+    def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:
+        """Algorithm state after the first evaluation ``fz = f(z)``; default: none."""
+        return None
+
+    @abc.abstractmethod
+    def step(
+        self, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, state: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Take one step from ``z`` (with ``fz = f(z)``); return ``(z_next, f(z_next), state)``."""
+
+    def stats(self, state: Any) -> dict:
+        """Solver-specific telemetry read from the final state (e.g. fallback counts)."""
+        return {}
+
+
+def residuals(z: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``‖f(z) − z‖`` and ``‖f(z) − z‖ / ‖f(z)‖`` of flat ``(B, n)`` tensors."""
+    abs_res = torch.linalg.vector_norm(fz - z, dim=1)
+    scale = torch.linalg.vector_norm(fz, dim=1)
+    rel_res = torch.where(abs_res == 0, torch.zeros_like(abs_res), abs_res / scale)
+    return abs_res, rel_res
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class FlatResult:
+    """What :func:`iterate` returns: the best iterate (keeps autograd history) and its record."""
+
+    z: torch.Tensor
+    fz: torch.Tensor
+    solution: Solution
+
+
+def iterate(
+    solver: Solver,
+    fn: FlatFn,
+    z0: torch.Tensor,
+    *,
+    spec: StateSpec | None = None,
+    what: str = "solve",
+) -> FlatResult:
+    """Run ``solver`` on ``z = fn(z)`` from ``z0`` (``(B, n)``) under the caller's grad mode.
+
+    Out-of-place throughout, so it may run under autograd (unrolled differentiation). The
+    record's ``z`` is the best iterate, detached, unflattened with ``spec`` when given. The
+    solver's failure policy is applied to the record (``what`` names the solve in messages).
+    """
+    if z0.dim() != 2:
+        raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
+    calls = 0
+
+    def counted(z: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        out = fn(z)
+        if not isinstance(out, torch.Tensor) or out.shape != z.shape:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"f returned shape {shape} for an iterate of shape {tuple(z.shape)}; "
+                "f must map a state to a state of the same shape"
+            )
+        return out
+
+    tol = float(solver.tol)
+    z = z0
+    fz = counted(z)
+    abs_res, rel_res = residuals(z, fz)
+    metric = abs_res if solver.stop == "abs" else rel_res
+    finite = torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
+    converged = finite & (metric <= tol)
+    nonfinite = ~finite
+    diverged = torch.zeros_like(converged)
+    active = ~(converged | nonfinite)
+    nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
+    best = _Best(z=z, fz=fz, abs_res=abs_res, rel_res=rel_res, metric=metric)
+    min_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
+    trace = [abs_res.detach()] if solver.trace else None
+    state = solver.init(z, fz)
+
+    step_index = 0
+    while calls < solver.max_iter:
+        if step_index % solver.check_every == 0 and not bool(active.any()):
+            break
+        step_index += 1
+        calls_before = calls
+        z_new, fz_new, state = solver.step(counted, z, fz, state)
+        nfe = nfe + active.long() * (calls - calls_before)
+
+        abs_new, rel_new = residuals(z_new, fz_new)
+        metric_new = abs_new if solver.stop == "abs" else rel_new
+        finite_new = torch.isfinite(z_new).all(dim=1) & torch.isfinite(fz_new).all(dim=1)
+        ok = active & finite_new
+        improved = ok & (metric_new < best.metric)
+        best = best.where(improved, z_new, fz_new, abs_new, rel_new, metric_new)
+
+        newly_converged = ok & (metric_new <= tol)
+        newly_nonfinite = active & ~finite_new
+        newly_diverged = (
+            ok & ~newly_converged & (abs_new > solver.divergence_factor * min_abs)
+            if solver.divergence_factor > 0
+            else torch.zeros_like(ok)
+        )
+        min_abs = torch.where(ok, torch.minimum(min_abs, abs_new), min_abs)
+        if trace is not None:
+            trace.append(torch.where(active, abs_new, trace[-1]).detach())
+
+        keep = active.unsqueeze(1)
+        z = torch.where(keep, z_new, z)
+        fz = torch.where(keep, fz_new, fz)
+        converged = converged | newly_converged
+        nonfinite = nonfinite | newly_nonfinite
+        diverged = diverged | newly_diverged
+        active = active & ~(newly_converged | newly_nonfinite | newly_diverged)
+
+    codes = torch.full_like(nfe, Status.MAX_ITER.code)
+    codes = torch.where(diverged, Status.DIVERGED.code, codes)
+    codes = torch.where(nonfinite, Status.NONFINITE.code, codes)
+    codes = torch.where(converged, Status.CONVERGED.code, codes)
+    codes = codes.to(torch.int8)
+    worst = Status.from_code(int(codes.max())) if codes.numel() else Status.CONVERGED
+    record = Solution(
+        z=spec.unflatten(best.z.detach()) if spec is not None else best.z.detach(),
+        nfe=nfe,
+        abs_residual=best.abs_res.detach(),
+        rel_residual=best.rel_res.detach(),
+        converged=converged,
+        sample_status=codes,
+        n_calls=calls,
+        status=worst,
+        tol=tol,
+        stop=solver.stop,
+        solver=solver.name,
+        trace=torch.stack(trace) if trace is not None else None,
+        stats=solver.stats(state),
+    )
+    apply_policy(record, solver.policy, what=what)
+    return FlatResult(z=best.z, fz=best.fz, solution=record)
+
+
+@attrs.frozen(eq=False)
+class _Best:
+    """Per-sample best iterate by the stopping residual."""
+
+    z: torch.Tensor
+    fz: torch.Tensor
+    abs_res: torch.Tensor
+    rel_res: torch.Tensor
+    metric: torch.Tensor
+
+    def where(self, mask, z, fz, abs_res, rel_res, metric) -> _Best:
+        rows = mask.unsqueeze(1)
+        return _Best(
+            z=torch.where(rows, z, self.z),
+            fz=torch.where(rows, fz, self.fz),
+            abs_res=torch.where(mask, abs_res, self.abs_res),
+            rel_res=torch.where(mask, rel_res, self.rel_res),
+            metric=torch.where(mask, metric, self.metric),
+        )

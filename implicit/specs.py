@@ -1,0 +1,281 @@
+"""What a plugin registers: frozen spec records with a factory, capabilities and option schema.
+
+The option schema is read from the factory (attrs fields, or keyword parameters of a function or
+class ``__init__``) unless given explicitly; :func:`implicit.make_solver` and friends check user
+options against it, with a did-you-mean for misspellings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable, ClassVar, Mapping, Optional
+
+import attrs
+from attrs import validators as v
+
+#: Capabilities a plugin may declare, per kind. A typo in a capability is a registration error.
+KNOWN_CAPABILITIES: Mapping[str, frozenset[str]] = {
+    "solver": frozenset(
+        {
+            "linear_only",  # only valid for affine maps (e.g. GMRES on the IFT adjoint)
+            "unrollable",  # out-of-place steps: may run under autograd (unrolled backward)
+            "uses_jvp",  # takes Jacobian-vector products of f
+            "uses_vjp",  # takes vector-Jacobian products of f
+        }
+    ),
+    "cell": frozenset(
+        {
+            "batch_independent",  # row i of f(z, x) depends on row i of z and x only
+            "forward_ad",  # torch.func.jvp works through the cell
+            "tuple_state",  # the state is a tuple of tensors
+            "stochastic",  # random in train mode (e.g. variational dropout)
+        }
+    ),
+    "backward": frozenset(
+        {
+            "second_order",  # gives correct second derivatives
+            "exact",  # the gradient is exact up to the solver tolerances (vs approximate)
+        }
+    ),
+}
+DEVICES = frozenset({"cpu", "cuda"})
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class _Required:
+    """Marker for an option without a default."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+    def __reduce__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@attrs.frozen(kw_only=True)
+class OptionSpec:
+    """One option of a plugin: name, default (:data:`REQUIRED` when none), type, doc."""
+
+    name: str
+    default: Any = REQUIRED
+    annotation: str = ""
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def describe(self) -> str:
+        default = "required" if self.required else f"default {self.default!r}"
+        kind = f": {self.annotation}" if self.annotation else ""
+        return f"{self.name}{kind} ({default})"
+
+
+def options_of(factory: Callable) -> Optional[dict[str, OptionSpec]]:
+    """Read the option schema of ``factory``; ``None`` if it takes ``**kwargs`` (not readable)."""
+    if inspect.isclass(factory) and attrs.has(factory):
+        return {
+            f.alias: OptionSpec(
+                name=f.alias,
+                default=_attrs_default(f.default),
+                annotation=_annotation(f.type),
+            )
+            for f in attrs.fields(factory)
+            if f.init
+        }
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    options = {}
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            default = REQUIRED if p.default is p.empty else p.default
+            annotation = "" if p.annotation is p.empty else _annotation(p.annotation)
+            options[p.name] = OptionSpec(name=p.name, default=default, annotation=annotation)
+    return options
+
+
+def _attrs_default(default: Any) -> Any:
+    if default is attrs.NOTHING:
+        return REQUIRED
+    if isinstance(default, attrs.Factory) and not default.takes_self:
+        return default.factory()
+    return default
+
+
+def _annotation(tp: Any) -> str:
+    if tp is None:
+        return ""
+    if isinstance(tp, str):
+        return tp
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _frozenset_of_str(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        return frozenset({value})
+    return frozenset(value)
+
+
+def _check_name(instance, attribute, value):
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"name must be lower_snake_case (letters, digits, '_', starting with a letter), "
+            f"got {value!r}"
+        )
+
+
+def _check_factory(instance, attribute, value):
+    if not callable(value):
+        raise TypeError(f"factory must be callable, got {type(value).__name__}")
+
+
+def _check_capabilities(instance, attribute, value):
+    known = KNOWN_CAPABILITIES[instance.kind]
+    unknown = sorted(value - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {instance.kind} capabilities {unknown}; known: {sorted(known)}"
+        )
+
+
+def _check_requires(instance, attribute, value):
+    partner = {"solver": "cell", "backward": "solver", "cell": None}[instance.kind]
+    if value and partner is None:
+        raise ValueError("a cell spec cannot require capabilities of another plugin")
+    if partner is not None:
+        unknown = sorted(value - KNOWN_CAPABILITIES[partner])
+        if unknown:
+            raise ValueError(
+                f"requires unknown {partner} capabilities {unknown}; "
+                f"known: {sorted(KNOWN_CAPABILITIES[partner])}"
+            )
+
+
+def _check_devices(instance, attribute, value):
+    if not value or not value <= DEVICES:
+        raise ValueError(f"devices must be a non-empty subset of {sorted(DEVICES)}, got {value}")
+
+
+def _check_options(instance, attribute, value):
+    if value is None:
+        return
+    for key, opt in value.items():
+        if not isinstance(opt, OptionSpec) or opt.name != key:
+            raise TypeError(f"options[{key!r}] must be an OptionSpec named {key!r}")
+    accepted = options_of(instance.factory)
+    if accepted is not None:
+        extra = sorted(set(value) - set(accepted))
+        if extra:
+            raise ValueError(f"options {extra} are not accepted by the factory {instance.factory}")
+
+
+@attrs.frozen(kw_only=True)
+class PluginSpec:
+    """Common fields of what plugins register.
+
+    Attributes:
+        name: the name users pass to ``make_*`` / ``DEQ`` (lower_snake_case, unique per kind).
+        factory: builds the thing from keyword options.
+        capabilities: what it can do (see :data:`KNOWN_CAPABILITIES`).
+        requires: capabilities it needs of its partner (a backward of the solver, a solver of
+            the cell); combinations that lack them are not built by the test matrix or bench.
+        devices: where it runs.
+        options: option schema; read from the factory when omitted.
+        summary: one line for listings; the factory's docstring's first line when omitted.
+    """
+
+    kind: ClassVar[str] = "plugin"
+
+    name: str = attrs.field(validator=_check_name)
+    factory: Callable = attrs.field(validator=_check_factory)
+    capabilities: frozenset[str] = attrs.field(
+        factory=frozenset, converter=_frozenset_of_str, validator=_check_capabilities
+    )
+    requires: frozenset[str] = attrs.field(
+        factory=frozenset, converter=_frozenset_of_str, validator=_check_requires
+    )
+    devices: frozenset[str] = attrs.field(
+        default=DEVICES, converter=_frozenset_of_str, validator=_check_devices
+    )
+    options: Optional[Mapping[str, OptionSpec]] = attrs.field(
+        default=None, validator=_check_options
+    )
+    summary: str = attrs.field(default="", validator=v.instance_of(str))
+
+    @property
+    def option_schema(self) -> Mapping[str, OptionSpec]:
+        """The declared options, else those read from the factory (empty if unreadable)."""
+        if self.options is not None:
+            return self.options
+        return options_of(self.factory) or {}
+
+    @property
+    def schema_known(self) -> bool:
+        """False when the factory takes ``**kwargs`` and no schema was declared."""
+        return self.options is not None or options_of(self.factory) is not None
+
+    @property
+    def description(self) -> str:
+        if self.summary:
+            return self.summary
+        doc = inspect.getdoc(self.factory) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+@attrs.frozen(kw_only=True)
+class SolverSpec(PluginSpec):
+    """A fixed-point solver; the factory returns an :class:`implicit.Solver`."""
+
+    kind: ClassVar[str] = "solver"
+
+
+@attrs.frozen(kw_only=True)
+class BackwardSpec(PluginSpec):
+    """A backward strategy; the factory returns an :class:`implicit.BackwardStrategy`."""
+
+    kind: ClassVar[str] = "backward"
+
+
+@attrs.frozen(kw_only=True)
+class CellSpec(PluginSpec):
+    """A cell family; the factory returns an ``nn.Module`` cell.
+
+    ``strategy(dtype)`` returns a Hypothesis strategy drawing a contractive
+    :class:`CellExample` of this family in that dtype (imported lazily: Hypothesis is a test
+    dependency, not a runtime one).
+    """
+
+    kind: ClassVar[str] = "cell"
+
+    strategy: Optional[Callable[..., Any]] = attrs.field(
+        default=None, validator=v.optional(v.is_callable())
+    )
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class CellExample:
+    """A drawn cell instance with an input, for contract tests and benchmarks.
+
+    ``lipschitz`` bounds the Lipschitz constant of z ↦ f(z, x) in the 2-norm of the flattened
+    per-sample state (``< 1`` means contractive); ``None`` when unknown.
+    """
+
+    cell: Any
+    x: Any
+    z0: Any = None
+    lipschitz: Optional[float] = None
+
+
+SPEC_TYPES: Mapping[str, type[PluginSpec]] = {
+    "solver": SolverSpec,
+    "cell": CellSpec,
+    "backward": BackwardSpec,
+}

@@ -1,0 +1,5 @@
+"""First-party solver plugins of implicit-layers, one module per solver.
+
+Each module is registered through the ``implicit_layers`` entry-point group, exactly as a
+third-party plugin would be.
+"""
