@@ -42,6 +42,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if fixture in metafunc.fixturenames:
             names = REGISTRY.names(kind)
             metafunc.parametrize(fixture, names, ids=names)
+    if "cell_with_strategy" in metafunc.fixturenames:
+        # cells whose plugin ships a Hypothesis strategy of contractive instances
+        names = [e.name for e in REGISTRY.entries("cell") if e.spec.strategy is not None]
+        metafunc.parametrize("cell_with_strategy", names, ids=names)
 
 
 @pytest.fixture(scope="session")

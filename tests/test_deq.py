@@ -1,0 +1,223 @@
+"""The DEQ layer end to end: gradients, tuple states, modes, warm starts, errors."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import implicit
+from implicit import ConvergenceError, ConvergenceWarning
+
+TIGHT = dict(tol=1e-10, stop="abs", max_iter=500)
+
+
+def tanh_cell(features=5, in_features=3, scale=0.6, seed=0):
+    torch.manual_seed(seed)
+    cell = implicit.make_cell("tanh", features=features, in_features=in_features).double()
+    with torch.no_grad():
+        cell.W.weight.mul_(scale / torch.linalg.matrix_norm(cell.W.weight, ord=2))
+    return cell
+
+
+def test_gradcheck_wrt_input(backward_name):
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=backward_name, **TIGHT)
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_gradcheck_wrt_parameters(backward_name):
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=backward_name, **TIGHT)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+
+    def run(*ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(run, params)
+
+
+def test_ift_matches_the_dense_implicit_gradient():
+    cell = tanh_cell(features=4, in_features=2)
+    layer = implicit.DEQ(cell, solver="forward", backward="ift", **TIGHT)
+    x = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    w = torch.randn_like(z)
+    (z * w).sum().backward()
+    # dense reference: dz/dx = (I - J)^-1 ∂f/∂x at z*
+    zs = z.detach()[0]
+    jz = torch.autograd.functional.jacobian(lambda v: cell(v[None], x.detach())[0], zs)
+    jx = torch.autograd.functional.jacobian(lambda v: cell(zs[None], v[None])[0], x.detach()[0])
+    dzdx = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - jz, jx)
+    torch.testing.assert_close(x.grad[0], w[0] @ dzdx, rtol=1e-7, atol=1e-9)
+    adjoint = layer.backward_solution
+    assert adjoint is not None and adjoint.all_converged and adjoint.nvjp == adjoint.n_calls
+
+
+class PairCell(implicit.Cell):
+    """A two-part state of different shapes: (B, 3) and (B, 2, 2), coupled through each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = nn.Parameter(0.3 * torch.randn(3, 4, dtype=torch.float64))
+        self.B = nn.Parameter(0.3 * torch.randn(4, 3, dtype=torch.float64))
+
+    def update(self, z, u):
+        p, q = z
+        p_next = torch.tanh(q.flatten(1) @ self.A.T + u)
+        q_next = torch.tanh(p @ self.A * 0.5 + (p_next @ self.B.T) * 0.1).view(-1, 2, 2)
+        return p_next, q_next
+
+    def init_state(self, x):
+        return (x.new_zeros(x.shape[0], 3), x.new_zeros(x.shape[0], 2, 2))
+
+
+def test_tuple_state_solves_and_differentiates(backward_name):
+    torch.manual_seed(1)
+    layer = implicit.DEQ(PairCell(), solver="forward", backward=backward_name, **TIGHT)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    p, q = layer(x)
+    assert p.shape == (2, 3) and q.shape == (2, 2, 2)
+    assert layer.solution.all_converged
+    assert isinstance(layer.solution.z, tuple)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
+
+
+def test_wrong_shapes_name_both():
+    layer = implicit.DEQ(tanh_cell(features=5), solver="forward", backward="ift")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 6\)"):
+        layer(x, z0=torch.zeros(4, 6, dtype=torch.float64))
+
+    class Growing(nn.Module):  # a plain module whose output shape differs from its input
+        def forward(self, z, x):
+            return torch.cat([z, x], dim=1)
+
+    plain = implicit.DEQ(Growing(), solver="forward", backward="ift")
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 2\)"):
+        plain(torch.randn(2, 3), z0=torch.zeros(2, 2))
+
+
+def test_dtype_mismatch_is_a_clear_error():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift")
+    with pytest.raises(TypeError, match="float32.*float64|dtype"):
+        layer(torch.randn(2, 3, dtype=torch.float64), z0=torch.zeros(2, 5))
+
+
+def test_plain_module_cell_like_the_tutorial():
+    class TanhFixedPoint(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.linear = nn.Linear(n, n, bias=False, dtype=torch.float64)
+            nn.init.normal_(self.linear.weight, std=0.2 / n**0.5)
+
+        def forward(self, z, x):
+            return torch.tanh(self.linear(z) + x)
+
+    module = TanhFixedPoint(4)
+    layer = implicit.DEQ(module, solver="forward", backward="ift", **TIGHT)
+    assert "cell.linear.weight" in layer.state_dict()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    torch.testing.assert_close(z, module(z, x), rtol=0, atol=1e-9)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_output_is_exactly_the_recorded_solution():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift")
+    z = layer(torch.randn(3, 3, dtype=torch.float64))
+    assert torch.equal(z.detach(), layer.solution.z)
+
+
+def test_eval_mode_keeps_a_graph_and_no_grad_builds_none():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift").eval()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    assert z.requires_grad
+    (dx,) = torch.autograd.grad(z.sum(), x)
+    assert torch.isfinite(dx).all() and dx.abs().sum() > 0
+    with torch.no_grad():
+        z = layer(x)
+    assert not z.requires_grad and z.grad_fn is None
+
+
+def test_separate_train_and_eval_budgets():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", tol=1e-12, stop="abs",
+                         max_iter=200, eval_tol=1e-3, eval_max_iter=7, policy="ignore")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    layer(x)
+    train_calls = layer.solution.n_calls
+    layer.eval()
+    layer(x)
+    assert layer.solution.n_calls <= 7 < train_calls
+    assert layer.solution.tol == 1e-3
+
+
+def test_warm_start_from_the_previous_solution_is_cheaper():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", tol=1e-9, stop="abs",
+                         max_iter=300)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    layer(x)
+    cold = layer.solution.n_calls
+    layer(x + 1e-6, z0=layer.solution.z)
+    assert layer.solution.all_converged and layer.solution.n_calls < cold
+
+
+def test_second_derivative_raises_a_clear_error():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift")
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    torch.autograd.grad(layer(x).pow(2).sum(), x)  # first derivatives stay fine
+
+
+def test_forward_nonconvergence_follows_the_layer_policy():
+    cell = tanh_cell(scale=0.95)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.warns(ConvergenceWarning, match="DEQ forward solve"):
+        implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-12, max_iter=3)(x)
+    with pytest.raises(ConvergenceError):
+        implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-12, max_iter=3,
+                     policy="raise")(x)
+
+
+def test_adjoint_nonconvergence_follows_its_policy():
+    backward = implicit.make_backward("ift", max_iter=2, tol=1e-14, policy="raise")
+    layer = implicit.DEQ(tanh_cell(scale=0.9), solver="forward", backward=backward, **TIGHT)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    with pytest.raises(ConvergenceError, match="IFT adjoint solve"):
+        z.sum().backward()
+    assert layer.backward_solution is None or not layer.backward_solution.all_converged
+
+
+def test_adjoint_with_its_own_solver_instance():
+    backward = implicit.make_backward(
+        "ift", solver=implicit.make_solver("forward", beta=0.8), tol=1e-11, max_iter=400
+    )
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=backward, **TIGHT)
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_layer_pickles_and_deepcopies_with_identical_outputs():
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", **TIGHT)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    want = layer(x)
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(clone(x), want)
+
+
+def test_bad_solver_and_backward_arguments():
+    with pytest.raises(TypeError, match="solver"):
+        implicit.DEQ(tanh_cell(), solver=3, backward="ift")
+    with pytest.raises(TypeError, match="backward"):
+        implicit.DEQ(tanh_cell(), solver="forward", backward=object())
+    with pytest.raises(TypeError, match="nn.Module"):
+        implicit.DEQ(lambda z, x: z, solver="forward", backward="ift")
+    with pytest.raises(ValueError, match="in_features=3"):
+        implicit.DEQ(tanh_cell(), solver="forward", backward="ift")(torch.randn(2, 4))

@@ -1,0 +1,143 @@
+"""The shared solver loop: per-sample stopping, masking, telemetry, status and failure policy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import implicit
+from implicit import ConvergenceError, ConvergenceWarning, Status
+
+
+def contraction(batch: int = 5, n: int = 4, rates=None, dtype=torch.float64):
+    """An affine contraction z -> diag(rate_i) z + c with per-sample rates (known fixed point)."""
+    gen = torch.Generator().manual_seed(0)
+    rates = torch.linspace(0.1, 0.8, batch, dtype=dtype) if rates is None else rates
+    batch = rates.shape[0]
+    c = torch.randn(batch, n, generator=gen, dtype=dtype)
+    fixed = c / (1 - rates[:, None])
+    return (lambda z: rates[:, None] * z + c), fixed
+
+
+def test_forward_converges_per_sample_with_masking():
+    fn, fixed = contraction()
+    sol = implicit.solve(fn, torch.zeros_like(fixed), solver="forward", tol=1e-10, stop="abs",
+                         max_iter=500)
+    assert sol.status is Status.CONVERGED and sol.converged.all()
+    torch.testing.assert_close(sol.z, fixed, rtol=0, atol=1e-9)
+    # faster contracting samples stop earlier; the batch runs as long as the slowest one
+    assert (sol.nfe[:-1] <= sol.nfe[1:]).all() and sol.nfe[0] < sol.nfe[-1]
+    assert sol.n_calls == int(sol.nfe.max())
+
+
+def test_converged_sample_stops_changing():
+    calls = []
+
+    def fn(z):
+        calls.append(z.clone())
+        return torch.stack([torch.zeros_like(z[0]), 0.9 * z[1] + 1])
+
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    sol = implicit.solve(fn, z0, solver="forward", tol=1e-6, stop="abs", max_iter=300)
+    assert sol.nfe.tolist()[0] == 1  # sample 0 is at its fixed point from the start
+    assert all(torch.equal(c[0], z0[0]) for c in calls)  # and its iterate never moved
+
+
+def test_record_is_truthful_and_budget_bounded(solver_name):
+    fn, fixed = contraction(rates=torch.tensor([0.2, 0.99, 0.5], dtype=torch.float64))
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        sol = implicit.solve(fn, torch.zeros_like(fixed), solver=solver_name, tol=1e-12,
+                             stop="abs", max_iter=20)
+    assert sol.n_calls <= 20 and (sol.nfe <= 20).all()
+    recomputed = torch.linalg.vector_norm(fn(sol.z) - sol.z, dim=1)
+    torch.testing.assert_close(sol.abs_residual, recomputed)
+    assert torch.equal(sol.converged, recomputed <= 1e-12)
+    assert sol.status is not Status.CONVERGED
+
+
+def test_divergent_map_is_never_converged():
+    z0 = torch.zeros(3, 2)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        sol = implicit.solve(lambda z: 3 * z + 1, z0, solver="forward")
+    assert not sol.converged.any()
+    assert sol.status in (Status.DIVERGED, Status.MAX_ITER)
+    with pytest.raises(ConvergenceError) as info:
+        implicit.solve(lambda z: 3 * z + 1, z0, solver="forward", policy="raise")
+    message = str(info.value)
+    assert info.value.solution.status.message in message
+    assert "tol" in message and "residual" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        implicit.solve(lambda z: 3 * z + 1, z0, solver="forward", policy="ignore")
+
+
+@pytest.mark.parametrize("stop", ["abs", "rel"])
+def test_divergent_map_diverges_without_divergence_detection_too(stop):
+    sol = implicit.solve(lambda z: 3 * z + 1, torch.zeros(2, 2, dtype=torch.float64),
+                         solver=implicit.make_solver("forward", divergence_factor=0),
+                         stop=stop, max_iter=30, policy="ignore")
+    assert sol.status is Status.MAX_ITER and not sol.converged.any()
+
+
+def test_nonfinite_is_reported_never_converged(solver_name):
+    def fn(z):
+        out = 0.5 * z + 1
+        return torch.where(torch.arange(z.shape[0])[:, None] == 1, out / 0.0 * 0.0, out)
+
+    with pytest.warns(ConvergenceWarning, match="non-finite"):
+        sol = implicit.solve(fn, torch.zeros(3, 2), solver=solver_name, tol=1e-5, stop="abs",
+                             max_iter=100)
+    assert sol.converged.tolist() == [True, False, True]
+    assert Status.from_code(int(sol.sample_status[1])) is Status.NONFINITE
+    assert sol.status is Status.NONFINITE
+
+
+def test_caller_tensors_are_not_mutated_and_no_graph(solver_name):
+    fn, fixed = contraction()
+    z0 = torch.randn_like(fixed).requires_grad_()
+    before = z0.detach().clone()
+    sol = implicit.solve(fn, z0, solver=solver_name, tol=1e-8, stop="abs", max_iter=200)
+    assert torch.equal(z0.detach(), before)
+    assert not sol.z.requires_grad and sol.z.grad_fn is None
+
+
+def test_tuple_state_solves():
+    a = torch.tensor(0.5, dtype=torch.float64)
+
+    def fn(state):
+        p, q = state
+        return (a * q.mean(dim=2) + 1, a * p[:, :, None].expand(-1, -1, 2) - 1)
+
+    z0 = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, 2, dtype=torch.float64))
+    sol = implicit.solve(fn, z0, solver="forward", tol=1e-12, stop="abs", max_iter=200)
+    assert isinstance(sol.z, tuple) and [t.shape for t in sol.z] == [t.shape for t in z0]
+    fz = fn(sol.z)
+    for got, want in zip(sol.z, fz):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
+def test_shape_changing_map_is_an_error_naming_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 3\)"):
+        implicit.solve(lambda z: torch.cat([z, z[:, :1]], dim=1), torch.zeros(2, 3),
+                       solver="forward")
+
+
+def test_trace_records_residual_per_step():
+    fn, fixed = contraction()
+    solver = implicit.make_solver("forward", trace=True, tol=1e-6, stop="abs", max_iter=100)
+    sol = implicit.solve(fn, torch.zeros_like(fixed), solver=solver)
+    assert sol.trace.shape == (sol.n_calls, fixed.shape[0])
+    assert torch.equal(sol.trace[-1], sol.abs_residual)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(TypeError, match="floating point"):
+        implicit.solve(lambda z: z, torch.zeros(2, 3, dtype=torch.int64), solver="forward")
+    with pytest.raises(ValueError, match="batch"):
+        implicit.solve(lambda z: z, (torch.zeros(2, 3), torch.zeros(3, 3)), solver="forward")
+    with pytest.raises(ValueError, match="policy"):
+        implicit.solve(lambda z: z, torch.zeros(2, 3), solver="forward", policy="loud")
+    with pytest.raises(ValueError, match="max_iter"):
+        implicit.make_solver("forward", max_iter=0)
