@@ -27,7 +27,7 @@ from .registry import (
 )
 from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver import FlatResult, Solver, iterate
-from .specs import BackwardSpec, CellExample, CellSpec, OptionSpec, SolverSpec
+from .specs import BackwardSpec, CellExample, CellSpec, OptionSpec, SolverSpec, Workload
 
 try:
     __version__ = version("implicit-layers")
@@ -64,4 +64,5 @@ __all__ = [
     "make_solver",
     "solve",
     "use_registry",
+    "Workload",
 ]

@@ -37,6 +37,49 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of plugin names")
+    return names
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from .bench import BenchConfig, run_bench
+    except ImportError as exc:  # rich / matplotlib missing
+        print(f"implicit bench needs the 'bench' extra: pip install 'implicit-layers[bench]' "
+              f"({exc})", file=sys.stderr)
+        return 2
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
+    config = BenchConfig(
+        solvers=args.solvers, cells=args.cells, backwards=args.backwards, device=args.device,
+        dtype=args.dtype, batch=args.batch, tol=args.tol, stop=args.stop,
+        max_iter=args.max_iter, repeat=repeat, seed=args.seed, quick=args.quick, out=args.out,
+        isolate=args.isolate, plots=not args.no_plots, compare=args.compare,
+    )
+    try:
+        result = run_bench(config)
+    except (ValueError, LookupError) as exc:
+        print(f"implicit bench: {exc}", file=sys.stderr)
+        return 2
+    return 1 if any(r.get("error") for r in result["records"]) else 0
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="implicit", description="implicit-layers: deep equilibrium layers for PyTorch"
@@ -46,6 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.add_argument("--kind", choices=KINDS, help="only this kind")
     plugins.set_defaults(func=cmd_plugins)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the solver x cell x backward matrix",
+        description="Measure every compatible registered solver x cell workload x backward: "
+        "NFE, time to tolerance, training-step time, floor ratio, peak memory, true residual, "
+        "gradient error vs a tight float64 reference. Writes results.json and PNG plots.",
+    )
+    bench.add_argument("--solvers", type=_names, help="comma-separated solver names (default all)")
+    bench.add_argument("--cells", type=_names, help="comma-separated cell names (default all)")
+    bench.add_argument("--backwards", type=_names, help="comma-separated backward names")
+    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    bench.add_argument("--batch", type=_positive_int, help="override every workload's batch")
+    bench.add_argument("--tol", type=_positive_float, default=1e-4, help="forward tolerance")
+    bench.add_argument("--stop", choices=["abs", "rel"], default="rel", help="residual to stop on")
+    bench.add_argument("--max-iter", type=_positive_int, default=50, help="forward budget (calls)")
+    bench.add_argument("--repeat", type=_positive_int, help="timed repeats (default 5; 3 quick)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--quick", action="store_true",
+                       help="pruned matrix (quick workloads, 3 repeats): < 2 min on 2 CPU cores")
+    bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    bench.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                       help="a fresh process per combination (default: on for CPU)")
+    bench.add_argument("--compare", choices=["torchdeq"],
+                       help="also run the workloads through torchdeq (if importable)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

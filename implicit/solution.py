@@ -91,7 +91,8 @@ class Solution:
         status: the batch :class:`Status` (worst sample).
         tol, stop: the criterion the solve used.
         solver: name of the solver that ran.
-        trace: optional ``(n_iter, B)`` abs residual after each call, when asked for.
+        trace: optional ``(n_steps + 1, B)`` stopping residual (``abs``/``rel`` as ``stop``)
+            of the current iterate after each step, when asked for.
         stats: solver-specific telemetry counters (e.g. fallbacks).
     """
 

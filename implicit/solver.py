@@ -137,7 +137,7 @@ def iterate(
     nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
     best = _Best(z=z, fz=fz, abs_res=abs_res, rel_res=rel_res, metric=metric)
     min_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
-    trace = [abs_res.detach()] if solver.trace else None
+    trace = [metric.detach()] if solver.trace else None
     state = solver.init(z, fz)
 
     step_index = 0
@@ -165,7 +165,7 @@ def iterate(
         )
         min_abs = torch.where(ok, torch.minimum(min_abs, abs_new), min_abs)
         if trace is not None:
-            trace.append(torch.where(active, abs_new, trace[-1]).detach())
+            trace.append(torch.where(active, metric_new, trace[-1]).detach())
 
         keep = active.unsqueeze(1)
         z = torch.where(keep, z_new, z)

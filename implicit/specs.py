@@ -244,19 +244,47 @@ class BackwardSpec(PluginSpec):
     kind: ClassVar[str] = "backward"
 
 
+def _check_shape(instance, attribute, value):
+    if not all(isinstance(d, int) and d >= 1 for d in value):
+        raise ValueError(f"{attribute.name} must be a tuple of positive ints, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Workload:
+    """A standard benchmark problem a cell family contributes to ``implicit bench``.
+
+    The cell is ``make_cell(<family>, **cell_options)``; the input is ``make_input(batch, dtype,
+    device, generator)`` when given, else standard normal of shape ``(batch, *input_shape)``.
+    ``quick`` workloads make up the pruned ``--quick`` matrix (< 2 minutes on 2 CPU cores).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    cell_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    input_shape: tuple[int, ...] = attrs.field(converter=tuple, validator=_check_shape)
+    batch: int = attrs.field(default=32, validator=[v.instance_of(int), v.gt(0)])
+    quick: bool = True
+    make_input: Optional[Callable[..., Any]] = attrs.field(
+        default=None, validator=v.optional(v.is_callable())
+    )
+    description: str = ""
+
+
 @attrs.frozen(kw_only=True)
 class CellSpec(PluginSpec):
     """A cell family; the factory returns an ``nn.Module`` cell.
 
     ``strategy(dtype)`` returns a Hypothesis strategy drawing a contractive
     :class:`CellExample` of this family in that dtype (imported lazily: Hypothesis is a test
-    dependency, not a runtime one).
+    dependency, not a runtime one). ``workloads`` are the family's standard benchmark problems.
     """
 
     kind: ClassVar[str] = "cell"
 
     strategy: Optional[Callable[..., Any]] = attrs.field(
         default=None, validator=v.optional(v.is_callable())
+    )
+    workloads: tuple[Workload, ...] = attrs.field(
+        default=(), converter=tuple, validator=v.deep_iterable(v.instance_of(Workload))
     )
 
 

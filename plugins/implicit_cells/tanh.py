@@ -93,5 +93,22 @@ def implicit_register_cells(register):
             factory=TanhCell,
             capabilities={"batch_independent", "forward_ad"},
             strategy=examples,
+            workloads=[
+                implicit.Workload(
+                    name="tanh_d256",
+                    cell_options={"features": 256, "in_features": 256},
+                    input_shape=(256,),
+                    batch=64,
+                    description="z <- tanh(Wz + Ux + b), d=256, batch 64",
+                ),
+                implicit.Workload(
+                    name="tanh_d1024",
+                    cell_options={"features": 1024, "in_features": 1024, "init_scale": 0.45},
+                    input_shape=(1024,),
+                    batch=128,
+                    quick=False,
+                    description="wider tanh cell, d=1024, batch 128, ‖W‖₂ ≈ 0.9",
+                ),
+            ],
         )
     )

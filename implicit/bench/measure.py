@@ -1,0 +1,268 @@
+"""Measure one solver × workload × backward combination.
+
+Everything here runs in one process: :func:`measure` is called directly (in-process runs, CUDA)
+or from :mod:`implicit.bench.worker` in a fresh subprocess per combination (CPU), so that the
+peak resident memory (``ru_maxrss``) belongs to that combination alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import attrs
+import torch
+
+from ..cell import init_state_of, injection_of, update_of
+from ..deq import DEQ
+from ..registry import Registry, get_registry
+from ..solution import Status
+from ..solver import residuals
+from ..specs import Workload
+from ..state import StateSpec
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@attrs.frozen(kw_only=True)
+class Combination:
+    """One cell of the benchmark matrix and the settings it runs with."""
+
+    solver: str
+    cell: str
+    workload: str
+    backward: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: Optional[int] = None
+    tol: float = 1e-4
+    stop: str = "rel"
+    max_iter: int = 50
+    repeat: int = 5
+    seed: int = 0
+    reference_tol: float = 1e-10
+
+    @property
+    def key(self) -> str:
+        return f"{self.solver}/{self.workload}/{self.backward}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls of ``fn`` after ``warmup`` calls (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def find_workload(registry: Registry, cell: str, workload: str) -> Workload:
+    spec = registry.get("cell", cell).spec
+    for w in spec.workloads:
+        if w.name == workload:
+            return w
+    names = ", ".join(w.name for w in spec.workloads) or "none"
+    raise LookupError(f"cell {cell!r} has no workload {workload!r}; it has: {names}")
+
+
+def build_problem(registry: Registry, combo: Combination) -> tuple[torch.nn.Module, Any, Workload]:
+    """The workload's cell and input, seeded, on the combination's device and dtype."""
+    workload = find_workload(registry, combo.cell, combo.workload)
+    device = torch.device(combo.device)
+    dtype = DTYPES[combo.dtype]
+    torch.manual_seed(combo.seed)
+    cell = registry.make("cell", combo.cell, **workload.cell_options).to(device=device, dtype=dtype)
+    batch = combo.batch or workload.batch
+    gen = torch.Generator(device="cpu").manual_seed(combo.seed + 1)
+    if workload.make_input is not None:
+        x = workload.make_input(batch=batch, dtype=dtype, device=device, generator=gen)
+    else:
+        x = torch.randn(batch, *workload.input_shape, generator=gen, dtype=dtype).to(device)
+    return cell, x, workload
+
+
+def _grads(layer: DEQ, x: torch.Tensor, weight: Any, spec: StateSpec) -> torch.Tensor:
+    """Flattened gradient of ``<z*, weight>`` w.r.t. x and the cell's parameters."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(x.is_floating_point())
+    z = layer(x)
+    loss = (spec.flatten(z) * weight).sum()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    inputs = ([x] if x.requires_grad else []) + params
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(i)).reshape(-1) for g, i in zip(grads, inputs)]
+    )
+
+
+def _nfe_stats(solution) -> dict[str, Any]:
+    nfe = solution.nfe.double()
+    counts = {s.name.lower(): int((solution.sample_status == s.code).sum()) for s in Status}
+    return {
+        "n_calls": solution.n_calls,
+        "nfe_mean": float(nfe.mean()),
+        "nfe_max": int(solution.nfe.max()),
+        "status": solution.status.name.lower(),
+        "status_counts": counts,
+    }
+
+
+def measure(combo: Combination, registry: Optional[Registry] = None) -> dict[str, Any]:
+    """Run every measurement of one combination; errors become an ``error`` field."""
+    registry = registry or get_registry()
+    record: dict[str, Any] = {"combination": attrs.asdict(combo), "error": None}
+    try:
+        record.update(_measure(combo, registry))
+    except Exception as exc:  # a broken plugin must not stop the matrix
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=8)
+    return record
+
+
+def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
+    device = torch.device(combo.device)
+    cell, x, workload = build_problem(registry, combo)
+    solver = registry.make(
+        "solver", combo.solver, tol=combo.tol, stop=combo.stop, max_iter=combo.max_iter,
+        policy="ignore",
+    )
+    layer = DEQ(cell, solver=solver, backward=registry.make("backward", combo.backward))
+    layer.train()
+
+    # one cell evaluation at z0 (the unit of the floor ratio); also warms up kernels
+    with torch.no_grad():
+        u = injection_of(cell, x)
+        z0 = init_state_of(cell, x)
+        spec = StateSpec.of(z0)
+        cell_times = timed(lambda: update_of(cell, z0, u), device, combo.repeat, warmup=2)
+    weight = torch.randn(
+        spec.batch_size, spec.numel_per_sample,
+        generator=torch.Generator().manual_seed(combo.seed + 2),
+        dtype=torch.float64,
+    ).to(device=device, dtype=spec.dtype)
+
+    # peak memory of one training step (forward solve + backward), before anything else grows;
+    # a one-sample step first, so one-time set-up (autograd engine, thread pools) is not counted
+    if isinstance(x, torch.Tensor):
+        _grads(layer, x[:1], weight[:1], attrs.evolve(spec, shapes=tuple(
+            (1, *s[1:]) for s in spec.shapes)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_bytes()
+    grad = _grads(layer, x, weight, spec)
+    sync(device)
+    if device.type == "cuda":
+        peak_bytes = torch.cuda.max_memory_allocated(device) - base
+        peak_method = "cuda max_memory_allocated over one training step"
+    else:
+        peak_bytes = _rss_bytes() - base
+        peak_method = "ru_maxrss growth over one training step (isolated process)"
+    forward_solution = layer.solution
+    backward_solution = layer.backward_solution
+
+    # time to tolerance (forward, no graph) and training-step time
+    with torch.no_grad():
+        fwd_times = timed(lambda: layer(x), device, combo.repeat)
+    fwd = layer.solution
+    train_times = timed(lambda: _grads(layer, x, weight, spec), device, combo.repeat)
+
+    # the true residual, recomputed by an independent call of the cell on the returned z
+    with torch.no_grad():
+        z_flat = spec.flatten(fwd.z)
+        f_flat = spec.flatten(update_of(cell, fwd.z, injection_of(cell, x)))
+        true_abs, true_rel = residuals(z_flat.double(), f_flat.double())
+
+    # gradient error against a tight-tolerance float64 reference: the same solver with an
+    # exact backward (a registered backward declaring the "exact" capability)
+    exact = [e.name for e in registry.entries("backward") if "exact" in e.spec.capabilities]
+    reference: dict[str, Any] = {"solver": combo.solver, "tol": combo.reference_tol}
+    grad_error = None
+    if not exact:
+        reference["error"] = "no backward with the 'exact' capability is registered"
+    else:
+        ref_solver = registry.make(
+            "solver", combo.solver, tol=combo.reference_tol, stop="rel",
+            max_iter=20 * combo.max_iter, policy="ignore",
+        )
+        ref_backward = exact[0]
+        backward_options = registry.get("backward", ref_backward).spec.option_schema
+        ref_layer = DEQ(
+            copy.deepcopy(cell).to(torch.float64), solver=ref_solver, backward=ref_backward,
+            backward_options={"tol": combo.reference_tol} if "tol" in backward_options else None,
+        )
+        x_ref = x.detach().to(torch.float64) if x.is_floating_point() else x
+        ref_grad = _grads(ref_layer, x_ref, weight.double(), attrs.evolve(spec, dtype=torch.float64))
+        ref_fwd, ref_bwd = ref_layer.solution, ref_layer.backward_solution
+        reference.update(
+            backward=ref_backward,
+            status=ref_fwd.status.name.lower(),
+            n_calls=ref_fwd.n_calls,
+            backward_status=ref_bwd.status.name.lower() if ref_bwd is not None else None,
+        )
+        if ref_fwd.all_converged and (ref_bwd is None or ref_bwd.all_converged):
+            denom = float(torch.linalg.vector_norm(ref_grad))
+            err = float(torch.linalg.vector_norm(grad.double() - ref_grad))
+            grad_error = err / denom if denom > 0 else err
+
+    fwd_median = statistics.median(fwd_times)
+    cell_median = statistics.median(cell_times)
+    return {
+        "workload": {"description": workload.description, "batch": spec.batch_size,
+                     "state_numel_per_sample": spec.numel_per_sample},
+        "forward": {
+            **_nfe_stats(fwd),
+            "time_s": fwd_median,
+            "times_s": fwd_times,
+            "true_abs_residual_max": float(true_abs.max()),
+            "true_rel_residual_max": float(true_rel.max()),
+            "trace": _trace(layer, x),
+        },
+        "backward": _nfe_stats(backward_solution) if backward_solution is not None else None,
+        "train_forward": _nfe_stats(forward_solution),
+        "train_step_time_s": statistics.median(train_times),
+        "train_step_times_s": train_times,
+        "cell_eval_time_s": cell_median,
+        "floor_ratio": fwd_median / (fwd.n_calls * cell_median) if cell_median > 0 else None,
+        "peak_memory_bytes": int(peak_bytes),
+        "peak_memory_method": peak_method,
+        "grad_rel_error": grad_error,
+        "reference": reference,
+    }
+
+
+def _trace(layer: DEQ, x: Any) -> list[float]:
+    """Median (over the batch) stopping residual after each solver step, from an untimed solve."""
+    traced = attrs.evolve(layer.solver, trace=True)
+    saved = layer.solver
+    layer.solver = traced
+    try:
+        with torch.no_grad():
+            layer(x)
+        trace = layer.solution.trace
+    finally:
+        layer.solver = saved
+    values = trace.double().median(dim=1).values.cpu().tolist()
+    return [v if math.isfinite(v) else None for v in values]
