@@ -78,11 +78,13 @@ class Solver(abc.ABC):
 
 
 def residuals(z: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``‖f(z) − z‖`` and ``‖f(z) − z‖ / ‖f(z)‖`` of flat ``(B, n)`` tensors."""
+    """Per-sample ``‖f(z) − z‖`` and ``‖f(z) − z‖ / ‖f(z)‖`` of flat ``(B, n)`` tensors.
+
+    ``0 / 0`` counts as 0 (z = f(z) = 0 is a fixed point); ``x / 0`` is huge, never converged.
+    """
     abs_res = torch.linalg.vector_norm(fz - z, dim=1)
     scale = torch.linalg.vector_norm(fz, dim=1)
-    rel_res = torch.where(abs_res == 0, torch.zeros_like(abs_res), abs_res / scale)
-    return abs_res, rel_res
+    return abs_res, abs_res / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -90,7 +92,6 @@ class FlatResult:
     """What :func:`iterate` returns: the best iterate (keeps autograd history) and its record."""
 
     z: torch.Tensor
-    fz: torch.Tensor
     solution: Solution
 
 
@@ -129,13 +130,14 @@ def iterate(
     fz = counted(z)
     abs_res, rel_res = residuals(z, fz)
     metric = abs_res if solver.stop == "abs" else rel_res
-    finite = torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
+    # a NaN/Inf anywhere in z or f(z) makes ‖f(z) − z‖ non-finite
+    finite = torch.isfinite(abs_res)
     converged = finite & (metric <= tol)
     nonfinite = ~finite
     diverged = torch.zeros_like(converged)
     active = ~(converged | nonfinite)
     nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
-    best = _Best(z=z, fz=fz, abs_res=abs_res, rel_res=rel_res, metric=metric)
+    best = _Best(z=z, abs_res=abs_res, rel_res=rel_res, metric=metric)
     min_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
     trace = [metric.detach()] if solver.trace else None
     state = solver.init(z, fz)
@@ -147,14 +149,15 @@ def iterate(
         step_index += 1
         calls_before = calls
         z_new, fz_new, state = solver.step(counted, z, fz, state)
-        nfe = nfe + active.long() * (calls - calls_before)
+        step_calls = calls - calls_before
+        nfe.add_(active if step_calls == 1 else active.long() * step_calls)
 
         abs_new, rel_new = residuals(z_new, fz_new)
         metric_new = abs_new if solver.stop == "abs" else rel_new
-        finite_new = torch.isfinite(z_new).all(dim=1) & torch.isfinite(fz_new).all(dim=1)
+        finite_new = torch.isfinite(abs_new)
         ok = active & finite_new
         improved = ok & (metric_new < best.metric)
-        best = best.where(improved, z_new, fz_new, abs_new, rel_new, metric_new)
+        best = best.where(improved, z_new, abs_new, rel_new, metric_new)
 
         newly_converged = ok & (metric_new <= tol)
         newly_nonfinite = active & ~finite_new
@@ -197,7 +200,7 @@ def iterate(
         stats=solver.stats(state),
     )
     apply_policy(record, solver.policy, what=what)
-    return FlatResult(z=best.z, fz=best.fz, solution=record)
+    return FlatResult(z=best.z, solution=record)
 
 
 @attrs.frozen(eq=False)
@@ -205,16 +208,13 @@ class _Best:
     """Per-sample best iterate by the stopping residual."""
 
     z: torch.Tensor
-    fz: torch.Tensor
     abs_res: torch.Tensor
     rel_res: torch.Tensor
     metric: torch.Tensor
 
-    def where(self, mask, z, fz, abs_res, rel_res, metric) -> _Best:
-        rows = mask.unsqueeze(1)
+    def where(self, mask, z, abs_res, rel_res, metric) -> _Best:
         return _Best(
-            z=torch.where(rows, z, self.z),
-            fz=torch.where(rows, fz, self.fz),
+            z=torch.where(mask.unsqueeze(1), z, self.z),
             abs_res=torch.where(mask, abs_res, self.abs_res),
             rel_res=torch.where(mask, rel_res, self.rel_res),
             metric=torch.where(mask, metric, self.metric),

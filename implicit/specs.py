@@ -190,6 +190,9 @@ class PluginSpec:
         devices: where it runs.
         options: option schema; read from the factory when omitted.
         summary: one line for listings; the factory's docstring's first line when omitted.
+        equivalents: how other libraries name the same thing, for ``implicit bench --compare``
+            (e.g. ``{"torchdeq": "anderson"}`` for a solver, ``{"torchdeq": {"ift": True}}``
+            for a backward: the keyword arguments of ``torchdeq.get_deq``).
     """
 
     kind: ClassVar[str] = "plugin"
@@ -209,6 +212,9 @@ class PluginSpec:
         default=None, validator=_check_options
     )
     summary: str = attrs.field(default="", validator=v.instance_of(str))
+    equivalents: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=dict, validator=v.deep_mapping(v.instance_of(str), lambda *a: None)
+    )
 
     @property
     def option_schema(self) -> Mapping[str, OptionSpec]:

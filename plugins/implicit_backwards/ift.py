@@ -93,14 +93,14 @@ class ImplicitBackward(implicit.BackwardStrategy):
                 solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what
             )
         if not problem.needs_graph:
-            return attrs.evolve(result, z=result.z.detach(), fz=result.fz.detach())
+            return attrs.evolve(result, z=result.z.detach())
         z_star = result.z.detach()
         fz = problem.fn(z_star)  # the one re-engaged call: graph to x and the parameters
         fz = _ImplicitAdjoint.apply(
             fz, z_star, problem.fn, self.adjoint_solver(solver), problem.on_backward_solution
         )
         # Value exactly z* (the record's iterate); gradient through f's graph and the adjoint.
-        return attrs.evolve(result, z=z_star + (fz - fz.detach()), fz=fz)
+        return attrs.evolve(result, z=z_star + (fz - fz.detach()))
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
@@ -145,6 +145,9 @@ class _ImplicitAdjoint(torch.autograd.Function):
 def implicit_register_backwards(register):
     register(
         implicit.BackwardSpec(
-            name="ift", factory=ImplicitBackward, capabilities={"exact"}
+            name="ift",
+            factory=ImplicitBackward,
+            capabilities={"exact"},
+            equivalents={"torchdeq": {"ift": True}},
         )
     )

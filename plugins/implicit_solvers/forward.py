@@ -37,6 +37,9 @@ class ForwardIteration(implicit.Solver):
 def implicit_register_solvers(register):
     register(
         implicit.SolverSpec(
-            name="forward", factory=ForwardIteration, capabilities={"unrollable"}
+            name="forward",
+            factory=ForwardIteration,
+            capabilities={"unrollable"},
+            equivalents={"torchdeq": "fixed_point_iter"},
         )
     )

@@ -1,0 +1,128 @@
+"""`implicit bench`: the matrix, the measurements, the outputs and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import ClassVar
+
+import attrs
+import pytest
+import torch
+
+import implicit
+from implicit.bench import BenchConfig, Combination, build_matrix, run_bench
+from implicit.bench.report import SCHEMA
+
+pytest.importorskip("rich")
+pytest.importorskip("matplotlib")
+
+
+def _quick_config(tmp_path, **kw):
+    defaults = dict(quick=True, repeat=1, batch=4, out=tmp_path, isolate=False)
+    return BenchConfig(**{**defaults, **kw})
+
+
+def test_in_process_run_writes_schema_table_and_plots(tmp_path, registry, capsys):
+    result = run_bench(_quick_config(tmp_path), registry=registry)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["schema"] == SCHEMA
+    assert {"torch", "device", "cpu_count", "tf32_matmul"} <= set(payload["machine"])
+    combos = {(r["combination"]["solver"], r["combination"]["backward"])
+              for r in payload["records"]}
+    assert combos == {(s, b) for s in registry.names("solver") for b in registry.names("backward")
+                      if "linear_only" not in registry.get("solver", s).spec.capabilities}
+    for record in payload["records"]:
+        assert record["error"] is None, record.get("traceback")
+        fwd = record["forward"]
+        assert fwd["n_calls"] >= 1 and fwd["time_s"] > 0 and record["floor_ratio"] > 0
+        assert sum(fwd["status_counts"].values()) == 4
+        if fwd["status"] == "converged":
+            assert fwd["true_rel_residual_max"] <= 1e-4 * 1.01
+        assert record["reference"]["status"] == "converged"
+        if record["backward"] is not None and "exact" in registry.get(
+                "backward", record["combination"]["backward"]).spec.capabilities:
+            assert record["grad_rel_error"] < 1e-2
+    for name in ("residuals.png", "time_nfe.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "implicit bench" in out and "tanh_d256" in out
+    assert len(result["files"]) == 3
+
+
+def test_isolated_worker_measures_peak_memory(tmp_path):
+    combo = Combination(solver="forward", cell="tanh", workload="tanh_d256", backward="ift",
+                        batch=8, repeat=1)
+    result = tmp_path / "r.json"
+    subprocess.run([sys.executable, "-m", "implicit.bench.worker", str(result)],
+                   input=json.dumps(attrs.asdict(combo)), text=True, check=True)
+    record = json.loads(result.read_text())
+    assert record["error"] is None
+    assert record["peak_memory_bytes"] >= 0 and "ru_maxrss" in record["peak_memory_method"]
+
+
+def test_matrix_respects_capabilities_and_requirements():
+    @attrs.frozen(kw_only=True)
+    class LinearOnly(implicit.Solver):
+        name: ClassVar[str] = "linear"
+
+        def step(self, fn, z, fz, state):
+            return fz, fn(fz), state
+
+    class Needy(implicit.BackwardStrategy):
+        def __call__(self, problem, solver):
+            raise NotImplementedError
+
+    class Plugin:
+        @implicit.hookimpl
+        def implicit_register_solvers(self, register):
+            register(implicit.SolverSpec(name="linear", factory=LinearOnly,
+                                         capabilities={"linear_only"}))
+            register(implicit.SolverSpec(name="plain", factory=LinearOnly))
+            register(implicit.SolverSpec(name="cpu_only", factory=LinearOnly, devices={"cpu"},
+                                         capabilities={"unrollable"}))
+
+        @implicit.hookimpl
+        def implicit_register_backwards(self, register):
+            register(implicit.BackwardSpec(name="needy", factory=Needy,
+                                           requires={"unrollable"}))
+
+    registry = implicit.Registry.from_entry_points()
+    registry.register_plugin(Plugin(), name="plugin")
+    template = Combination(solver="", cell="", workload="", backward="")
+    combos = build_matrix(registry, quick=True, template=template)
+    pairs = {(c.solver, c.backward) for c in combos}
+    assert not any(s == "linear" for s, _ in pairs)
+    assert ("plain", "needy") not in pairs and ("cpu_only", "needy") in pairs
+    cuda = build_matrix(registry, quick=True, device="cuda", template=template)
+    assert not any(c.solver == "cpu_only" for c in cuda)
+
+
+def test_compare_without_torchdeq_says_so_and_leaves_columns_out(tmp_path, registry,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchdeq", None)  # import torchdeq -> ImportError
+    run_bench(_quick_config(tmp_path, compare="torchdeq", plots=False), registry=registry)
+    out = capsys.readouterr().out
+    assert "torchdeq is not importable" in out and "torchdeq fwd" not in out
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert all("compare" not in r for r in payload["records"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--solvers", "forwrd"], "did you mean 'forward'"),
+        pytest.param(["--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="this machine has CUDA")),
+        (["--cells", "tanh", "--solvers", "forward", "--backwards", "ift", "--max-iter", "0"],
+         "must be >= 1"),
+    ],
+)
+def test_cli_errors_are_clear(argv, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "implicit.cli", "bench", "--quick", "--out", str(tmp_path), *argv],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
