@@ -23,14 +23,14 @@ def tanh_cell(features=5, in_features=3, scale=0.6, seed=0):
     return cell
 
 
-def test_gradcheck_wrt_input(backward_name):
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=backward_name, **TIGHT)
+def test_gradcheck_wrt_input(solver_name, backward_name):
+    layer = implicit.DEQ(tanh_cell(), solver=solver_name, backward=backward_name, **TIGHT)
     x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
 
 
-def test_gradcheck_wrt_parameters(backward_name):
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=backward_name, **TIGHT)
+def test_gradcheck_wrt_parameters(solver_name, backward_name):
+    layer = implicit.DEQ(tanh_cell(), solver=solver_name, backward=backward_name, **TIGHT)
     x = torch.randn(3, 3, dtype=torch.float64)
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())

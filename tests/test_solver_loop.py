@@ -45,16 +45,24 @@ def test_converged_sample_stops_changing():
     assert all(torch.equal(c[0], z0[0]) for c in calls)  # and its iterate never moved
 
 
-def test_record_is_truthful_and_budget_bounded(solver_name):
+@pytest.mark.parametrize("max_iter", [1, 3, 20])
+def test_record_is_truthful_and_budget_bounded(solver_name, max_iter):
     fn, fixed = contraction(rates=torch.tensor([0.2, 0.99, 0.5], dtype=torch.float64))
-    with pytest.warns(ConvergenceWarning, match="max_iter"):
-        sol = implicit.solve(fn, torch.zeros_like(fixed), solver=solver_name, tol=1e-12,
-                             stop="abs", max_iter=20)
-    assert sol.n_calls <= 20 and (sol.nfe <= 20).all()
-    recomputed = torch.linalg.vector_norm(fn(sol.z) - sol.z, dim=1)
+    sol = implicit.solve(lambda z: torch.tanh(fn(z)), torch.zeros_like(fixed), solver=solver_name,
+                         tol=1e-12, stop="abs", max_iter=max_iter, policy="ignore")
+    assert sol.n_calls <= max_iter and (sol.nfe <= max_iter).all()
+    recomputed = torch.linalg.vector_norm(torch.tanh(fn(sol.z)) - sol.z, dim=1)
     torch.testing.assert_close(sol.abs_residual, recomputed)
     assert torch.equal(sol.converged, recomputed <= 1e-12)
-    assert sol.status is not Status.CONVERGED
+    assert (sol.status is Status.CONVERGED) == bool(sol.converged.all())
+
+
+def test_max_iter_is_reported_and_warned():
+    fn, fixed = contraction(rates=torch.tensor([0.2, 0.99, 0.5], dtype=torch.float64))
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        sol = implicit.solve(fn, torch.zeros_like(fixed), solver="forward", tol=1e-12,
+                             stop="abs", max_iter=20)
+    assert sol.status is Status.MAX_ITER and sol.converged.tolist() == [True, False, False]
 
 
 def test_divergent_map_is_never_converged():

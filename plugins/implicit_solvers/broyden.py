@@ -1,0 +1,143 @@
+"""Limited-memory "good" Broyden on the inverse Jacobian (Broyden 1965; DEQ slides,
+../shared/seeds/000; Bai et al. 2019).
+
+Root-finding on ``g(z) = f(z) − z``. ``B ≈ J_g⁻¹`` starts at ``B₀ = −I`` (so the first step is
+a plain fixed-point step) and after each step takes the rank-one update that satisfies the
+secant condition ``B Δg = Δz`` and changes ``B`` least in the direction ``Δzᵀ B``:
+
+    B ← B + (Δz − B Δg) Δzᵀ B / (Δzᵀ B Δg)
+
+``B = −I + U Vᵀ`` is kept as ``memory`` rank-one terms per sample; when they are used up the
+oldest is overwritten (as the deq repo does). A sample whose denominator is ~0 skips the update
+(counted in ``Solution.stats["skipped_updates"]``). The optional backtracking line search halves
+the step per sample while ``‖g‖`` does not decrease, using at most ``ls_steps`` extra calls of f
+and never more than the remaining budget. The loop returns each sample's best iterate.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import attrs
+import torch
+
+import implicit
+
+
+def broyden_update(
+    U: torch.Tensor, VT: torch.Tensor, used: int, slot: int, dz: torch.Tensor, dg: torch.Tensor
+) -> torch.Tensor:
+    """Write the update for ``(Δz, Δg)`` into column ``slot`` of ``U`` (``(B, n, L)``) and row
+    ``slot`` of ``VT`` (``(B, L, n)``), given ``used`` terms in use; return the ``(B,)`` mask
+    of samples that moved but whose update was skipped (denominator ~0)."""
+    vT = rmatvec(U[:, :, :used], VT[:, :used], dz)  # Δzᵀ B
+    denom = (vT * dg).sum(dim=1)
+    b_dg = matvec(U[:, :, :used], VT[:, :used], dg)  # B Δg
+    tiny = torch.finfo(dz.dtype).eps * (
+        torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+    )
+    skip = ~(denom.abs() > tiny) | ~torch.isfinite(denom)
+    moved = torch.linalg.vector_norm(dz, dim=1) > 0  # finished samples are frozen: Δz = 0
+    safe = torch.where(skip, torch.ones_like(denom), denom)
+    u = torch.where(skip[:, None], torch.zeros_like(dz), (dz - b_dg) / safe[:, None])
+    U[:, :, slot] = u
+    VT[:, slot] = torch.where(skip[:, None], torch.zeros_like(vT), vT)
+    return skip & moved
+
+
+def matvec(U: torch.Tensor, VT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``B x`` for ``B = −I + U Vᵀ``."""
+    if U.shape[-1] == 0:
+        return -x
+    return torch.baddbmm(-x.unsqueeze(2), U, torch.bmm(VT, x.unsqueeze(2))).squeeze(2)
+
+
+def rmatvec(U: torch.Tensor, VT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``xᵀ B`` for ``B = −I + U Vᵀ`` (as a ``(B, n)`` tensor)."""
+    if U.shape[-1] == 0:
+        return -x
+    return torch.baddbmm(-x.unsqueeze(1), torch.bmm(x.unsqueeze(1), U), VT).squeeze(1)
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+@attrs.define
+class BroydenState:
+    U: torch.Tensor  # (B, n, L)
+    VT: torch.Tensor  # (B, L, n)
+    used: int
+    updates: int
+    prev_z: Optional[torch.Tensor]
+    prev_g: Optional[torch.Tensor]
+    skipped: torch.Tensor  # (B,) int64
+    ls_calls: int
+
+
+@attrs.frozen(kw_only=True)
+class Broyden(implicit.Solver):
+    """Limited-memory good Broyden (inverse Jacobian, B0 = -I), optional line search."""
+
+    name: ClassVar[str] = "broyden"
+
+    memory: int = attrs.field(default=30, validator=_positive_int)
+    line_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    ls_steps: int = attrs.field(default=3, validator=_positive_int)
+
+    def init(self, z: torch.Tensor, fz: torch.Tensor) -> BroydenState:
+        b, n = z.shape
+        return BroydenState(
+            U=z.new_zeros(b, n, self.memory),
+            VT=z.new_zeros(b, self.memory, n),
+            used=0,
+            updates=0,
+            prev_z=None,
+            prev_g=None,
+            skipped=torch.zeros(b, dtype=torch.int64, device=z.device),
+            ls_calls=0,
+        )
+
+    def step(self, fn, z, fz, state: BroydenState):
+        g = fz - z
+        if state.prev_z is not None:
+            slot = state.updates % self.memory
+            skip = broyden_update(state.U, state.VT, state.used, slot, z - state.prev_z,
+                                  g - state.prev_g)
+            state.skipped += skip
+            state.updates += 1
+            state.used = min(state.used + 1, self.memory)
+        direction = -matvec(state.U[:, :, : state.used], state.VT[:, : state.used], g)
+        state.prev_z, state.prev_g = z, g
+        z_next = z + direction
+        fz_next = fn(z_next)
+        if self.line_search:
+            z_next, fz_next = self._backtrack(fn, z, g, direction, z_next, fz_next, state)
+        return z_next, fz_next, state
+
+    def _backtrack(self, fn, z, g, direction, z_next, fz_next, state):
+        """Halve the step of samples whose ‖g‖ did not decrease, while budget allows."""
+        g_norm = torch.linalg.vector_norm(g, dim=1)
+        step = torch.ones_like(g_norm)
+        for _ in range(self.ls_steps):
+            worse = torch.linalg.vector_norm(fz_next - z_next, dim=1) > (1 - 1e-4 * step) * g_norm
+            if fn.remaining <= 0 or not bool(worse.any()):
+                break
+            step = torch.where(worse, step / 2, step)
+            trial = z + step[:, None] * direction
+            f_trial = fn(trial)
+            state.ls_calls += 1
+            z_next = torch.where(worse[:, None], trial, z_next)
+            fz_next = torch.where(worse[:, None], f_trial, fz_next)
+        return z_next, fz_next
+
+    def stats(self, state: BroydenState) -> dict:
+        return {"skipped_updates": int(state.skipped.sum()), "line_search_calls": state.ls_calls}
+
+
+@implicit.hookimpl
+def implicit_register_solvers(register):
+    register(
+        implicit.SolverSpec(name="broyden", factory=Broyden, equivalents={"torchdeq": "broyden"})
+    )
