@@ -121,13 +121,14 @@ def test_anderson_counts_fallbacks_instead_of_crashing():
 def test_broyden_update_satisfies_the_secant_condition():
     gen = torch.Generator().manual_seed(1)
     b, n, memory = 3, 6, 4
-    U, VT = torch.zeros(b, n, memory, dtype=D64), torch.zeros(b, memory, n, dtype=D64)
+    U, VT = torch.zeros(b, memory, n, dtype=D64), torch.zeros(b, memory, n, dtype=D64)
     for used in range(memory):
         dz = torch.randn(b, n, generator=gen, dtype=D64)
         dg = torch.randn(b, n, generator=gen, dtype=D64)
-        skip = broyden_update(U, VT, used, used, dz, dg)
+        b_dg = matvec(U[:, :used], VT[:, :used], dg)
+        skip = broyden_update(U, VT, used, used, dz, b_dg, dg)
         assert not skip.any()
-        torch.testing.assert_close(matvec(U[:, :, : used + 1], VT[:, : used + 1], dg), dz)
+        torch.testing.assert_close(matvec(U[:, : used + 1], VT[:, : used + 1], dg), dz)
 
 
 @pytest.mark.parametrize("solver", QUASI_NEWTON)

@@ -23,7 +23,8 @@ backward strategy that declare they fit together is measured; third-party plugin
           "train_forward": {n_calls, nfe_mean, nfe_max, status, status_counts},
           "backward": null | {n_calls, nfe_mean, nfe_max, status, status_counts},
           "train_step_time_s", "train_step_times_s", "cell_eval_time_s",
-          "floor_ratio",            # forward time / (n_calls × one cell evaluation)
+          "floor_ratio",            # median over repeats of forward time / (n_calls × one
+                                    # cell evaluation timed just before it)
           "peak_memory_bytes", "peak_memory_method",
           "grad_rel_error",         # ‖g − g_ref‖ / ‖g_ref‖ over x and all parameters, or null
           "reference": {solver, tol, backward, status, n_calls, backward_status},

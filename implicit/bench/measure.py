@@ -150,12 +150,11 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     layer = DEQ(cell, solver=solver, backward=registry.make("backward", combo.backward))
     layer.train()
 
-    # one cell evaluation at z0 (the unit of the floor ratio); also warms up kernels
     with torch.no_grad():
         u = injection_of(cell, x)
         z0 = init_state_of(cell, x)
         spec = StateSpec.of(z0)
-        cell_times = timed(lambda: update_of(cell, z0, u), device, combo.repeat, warmup=2)
+        timed(lambda: update_of(cell, z0, u), device, 1, warmup=2)  # warm up kernels
     weight = torch.randn(
         spec.batch_size, spec.numel_per_sample,
         generator=torch.Generator().manual_seed(combo.seed + 2),
@@ -183,9 +182,17 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     forward_solution = layer.solution
     backward_solution = layer.backward_solution
 
-    # time to tolerance (forward, no graph) and training-step time
+    # time to tolerance (forward, no graph), each repeat right after timing single cell
+    # evaluations, so the floor ratio compares like with like on a noisy machine
+    fwd_times, cell_times, ratios = [], [], []
     with torch.no_grad():
-        fwd_times = timed(lambda: layer(x), device, combo.repeat)
+        layer(x)
+        for _ in range(combo.repeat):
+            cell_t = statistics.median(timed(lambda: update_of(cell, z0, u), device, 5, 0))
+            (fwd_t,) = timed(lambda: layer(x), device, 1, warmup=0)
+            cell_times.append(cell_t)
+            fwd_times.append(fwd_t)
+            ratios.append(fwd_t / (layer.solution.n_calls * cell_t))
     fwd = layer.solution
     train_times = timed(lambda: _grads(layer, x, weight, spec), device, combo.repeat)
 
@@ -245,7 +252,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "train_step_time_s": statistics.median(train_times),
         "train_step_times_s": train_times,
         "cell_eval_time_s": cell_median,
-        "floor_ratio": fwd_median / (fwd.n_calls * cell_median) if cell_median > 0 else None,
+        "floor_ratio": statistics.median(ratios),
         "peak_memory_bytes": int(peak_bytes),
         "peak_memory_method": peak_method,
         "grad_rel_error": grad_error,

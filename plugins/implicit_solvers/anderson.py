@@ -64,8 +64,8 @@ def _check_lam(instance, attribute, value):
 
 @attrs.define
 class AndersonState:
-    X: torch.Tensor  # (B, m, n) iterates
-    G: torch.Tensor  # (B, m, n) residuals f(x) − x
+    Y: torch.Tensor  # (B, m, n) mixing targets x_i + β g_i
+    G: torch.Tensor  # (B, m, n) residuals g_i = f(x_i) − x_i
     gram: torch.Tensor  # (B, m, m) G Gᵀ
     count: int  # pairs stored so far
     fallbacks: torch.Tensor  # (B,) int64
@@ -84,7 +84,7 @@ class Anderson(implicit.Solver):
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> AndersonState:
         b, n = z.shape
         return AndersonState(
-            X=z.new_zeros(b, self.m, n),
+            Y=z.new_zeros(b, self.m, n),
             G=z.new_zeros(b, self.m, n),
             gram=z.new_zeros(b, self.m, self.m),
             count=0,
@@ -94,21 +94,21 @@ class Anderson(implicit.Solver):
     def step(self, fn, z, fz, state: AndersonState):
         slot = state.count % self.m
         g = fz - z
-        state.X[:, slot] = z
+        # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i)
+        torch.add(z, g, alpha=float(self.beta), out=state.Y[:, slot])
         state.G[:, slot] = g
         state.count += 1
         k = min(state.count, self.m)
-        row = torch.bmm(state.G[:, :k], g.unsqueeze(2)).squeeze(2)  # (B, k): <g_i, g>
+        # (B, k): <g_i, g>, as (1, n) @ (n, k): the (k, n) @ (n, 1) form is a slow gemv on CPU
+        row = torch.bmm(g.unsqueeze(1), state.G[:, :k].transpose(1, 2)).squeeze(1)
         state.gram[:, slot, :k] = row
         state.gram[:, :k, slot] = row
         if k == 1:
-            z_next = torch.add(z, g, alpha=float(self.beta))
+            z_next = state.Y[:, slot].clone()
         else:
             alpha, failed = anderson_weights(state.gram[:, :k, :k], float(self.lam), newest=slot)
             state.fallbacks += failed
-            a = alpha.unsqueeze(1)  # (B, 1, k)
-            z_next = torch.bmm(a, state.X[:, :k]).squeeze(1)
-            z_next = z_next.add_(torch.bmm(a, state.G[:, :k]).squeeze(1), alpha=float(self.beta))
+            z_next = torch.bmm(alpha.unsqueeze(1), state.Y[:, :k]).squeeze(1)
         return z_next, fn(z_next), state
 
     def stats(self, state: AndersonState) -> dict:
