@@ -23,8 +23,8 @@ backward strategy that declare they fit together is measured; third-party plugin
           "train_forward": {n_calls, nfe_mean, nfe_max, status, status_counts},
           "backward": null | {n_calls, nfe_mean, nfe_max, status, status_counts},
           "train_step_time_s", "train_step_times_s", "cell_eval_time_s",
-          "floor_ratio",            # median over repeats of forward time / (n_calls × one
-                                    # cell evaluation timed just before it)
+          "floor_ratio",            # fastest forward / (n_calls × fastest cell evaluation),
+                                    # the two timed interleaved; "cell_eval_time_s" is the latter
           "peak_memory_bytes", "peak_memory_method",
           "grad_rel_error",         # ‖g − g_ref‖ / ‖g_ref‖ over x and all parameters, or null
           "reference": {solver, tol, backward, status, n_calls, backward_status},
@@ -37,7 +37,8 @@ Times are wall-clock medians of ``repeat`` runs after a warm-up (CUDA synchronis
 residual is recomputed by an independent call of the cell on the returned state. The gradient
 reference is the same solver in float64 at ``reference_tol`` with a backward declaring the
 ``exact`` capability. Peak memory is the CUDA allocator's peak over one training step, or on
-CPU the growth of ``ru_maxrss`` over one training step in a fresh process per combination.
+CPU the growth of the resident set's high-water mark (reset first via /proc/self/clear_refs on
+Linux; ``ru_maxrss`` elsewhere) over one training step, in a fresh process per combination.
 """
 
 from .matrix import build_matrix

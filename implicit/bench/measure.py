@@ -72,9 +72,45 @@ def timed(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int 
     return times
 
 
-def _rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+class PeakRSS:
+    """Peak resident memory of this process over a region of code.
+
+    On Linux the high-water mark (VmHWM) is reset to the current RSS first (writing 5 to
+    /proc/self/clear_refs), so the growth is the region's own; elsewhere, or if that file is not
+    writable, it falls back to the growth of ``ru_maxrss`` (a lower bound when an earlier phase
+    had already peaked higher).
+    """
+
+    method = "ru_maxrss growth over one training step (isolated process)"
+
+    def __enter__(self) -> "PeakRSS":
+        self.exact = False
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self.exact = True
+            self.method = "VmHWM - VmRSS over one training step (isolated process, HWM reset)"
+            self.start = self._status("VmRSS")
+        except OSError:
+            self.start = self._maxrss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._status("VmHWM") if self.exact else self._maxrss()
+        self.growth = max(0, end - self.start)
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"{field} not in /proc/self/status")
+
+    @staticmethod
+    def _maxrss() -> int:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 def find_workload(registry: Registry, cell: str, workload: str) -> Workload:
@@ -154,7 +190,6 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         u = injection_of(cell, x)
         z0 = init_state_of(cell, x)
         spec = StateSpec.of(z0)
-        timed(lambda: update_of(cell, z0, u), device, 1, warmup=2)  # warm up kernels
     weight = torch.randn(
         spec.batch_size, spec.numel_per_sample,
         generator=torch.Generator().manual_seed(combo.seed + 2),
@@ -169,31 +204,30 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        base = _rss_bytes()
-    grad = _grads(layer, x, weight, spec)
-    sync(device)
-    if device.type == "cuda":
+        grad = _grads(layer, x, weight, spec)
+        sync(device)
         peak_bytes = torch.cuda.max_memory_allocated(device) - base
         peak_method = "cuda max_memory_allocated over one training step"
     else:
-        peak_bytes = _rss_bytes() - base
-        peak_method = "ru_maxrss growth over one training step (isolated process)"
+        with PeakRSS() as peak:
+            grad = _grads(layer, x, weight, spec)
+        peak_bytes, peak_method = peak.growth, peak.method
     forward_solution = layer.solution
     backward_solution = layer.backward_solution
 
     # time to tolerance (forward, no graph), each repeat right after timing single cell
     # evaluations, so the floor ratio compares like with like on a noisy machine
-    fwd_times, cell_times, ratios = [], [], []
+    fwd_times, cell_times = [], []
     with torch.no_grad():
+        timed(lambda: update_of(cell, z0, u), device, 1, warmup=2)  # warm up kernels
         layer(x)
         for _ in range(combo.repeat):
-            cell_t = statistics.median(timed(lambda: update_of(cell, z0, u), device, 5, 0))
-            (fwd_t,) = timed(lambda: layer(x), device, 1, warmup=0)
-            cell_times.append(cell_t)
-            fwd_times.append(fwd_t)
-            ratios.append(fwd_t / (layer.solution.n_calls * cell_t))
+            cell_times += timed(lambda: update_of(cell, z0, u), device, 5, warmup=0)
+            fwd_times += timed(lambda: layer(x), device, 1, warmup=0)
     fwd = layer.solution
+    # noise on a shared machine only ever adds time: the floor ratio compares the fastest
+    # forward with the fastest single cell evaluation, both measured interleaved
+    floor_ratio = min(fwd_times) / (fwd.n_calls * min(cell_times))
     train_times = timed(lambda: _grads(layer, x, weight, spec), device, combo.repeat)
 
     # the true residual, recomputed by an independent call of the cell on the returned z
@@ -235,7 +269,6 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
             grad_error = err / denom if denom > 0 else err
 
     fwd_median = statistics.median(fwd_times)
-    cell_median = statistics.median(cell_times)
     return {
         "workload": {"description": workload.description, "batch": spec.batch_size,
                      "state_numel_per_sample": spec.numel_per_sample},
@@ -251,8 +284,8 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "train_forward": _nfe_stats(forward_solution),
         "train_step_time_s": statistics.median(train_times),
         "train_step_times_s": train_times,
-        "cell_eval_time_s": cell_median,
-        "floor_ratio": statistics.median(ratios),
+        "cell_eval_time_s": min(cell_times),
+        "floor_ratio": floor_ratio,
         "peak_memory_bytes": int(peak_bytes),
         "peak_memory_method": peak_method,
         "grad_rel_error": grad_error,
