@@ -8,7 +8,7 @@ unrolling, …) but never inspects *which* solver it is (optimistix's ``Implicit
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Sequence
 
 import attrs
 import torch
@@ -26,19 +26,28 @@ class Problem:
         fn: the cell with its input injection bound; differentiable with respect to the cell's
             parameters and the injection (so to ``x``) when called with grad enabled.
         z0: the detached initial iterate.
+        inputs: the tensors ``fn`` depends on that require grad (injection tensors, then the
+            cell's parameters).
+        fn_with: ``fn_with(z, new_inputs)`` evaluates the map with ``inputs`` replaced (same
+            order) — what higher-order implicit differentiation needs to take partials.
         spec: the structure of the state (to unflatten records); ``None`` for flat problems.
         what: names the solve in warnings and errors.
-        requires_grad: whether anything ``fn`` depends on requires grad (parameters or ``x``).
         on_backward_solution: called with the record of any solve made during backward
             (e.g. the IFT adjoint solve), so the layer can expose it.
     """
 
     fn: FlatFn
     z0: torch.Tensor
+    inputs: tuple[torch.Tensor, ...] = ()
+    fn_with: Optional[Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]] = None
     spec: Optional[StateSpec] = None
     what: str = "DEQ forward solve"
-    requires_grad: bool = True
     on_backward_solution: Optional[Callable[[Solution], None]] = None
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether anything ``fn`` depends on requires grad (parameters or ``x``)."""
+        return bool(self.inputs)
 
     @property
     def needs_graph(self) -> bool:

@@ -55,14 +55,56 @@ def resolve_backward(backward: str | BackwardStrategy,
     )
 
 
-def _any_requires_grad(obj: Any) -> bool:
+def check_compatible(solver: Solver, backward: BackwardStrategy) -> None:
+    """Raise if the registry says ``backward`` requires capabilities ``solver`` lacks."""
+    registry = get_registry()
+    try:
+        needs = registry.get("backward", backward.name).spec.requires
+        has = registry.get("solver", solver.name).spec.capabilities
+    except LookupError:  # not registered under these names: nothing declared to check
+        return
+    missing = sorted(needs - has)
+    if missing:
+        raise ValueError(
+            f"backward {backward.name!r} needs a solver with the capabilities {missing}, and "
+            f"solver {solver.name!r} does not declare them; pick another solver (see "
+            "`implicit plugins`) or another backward"
+        )
+
+
+def _tensor_leaves(obj: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+    """The tensors inside ``obj`` (tensor, tuple/list/dict nests) and a function rebuilding
+    ``obj`` with replacements for them, in the same order."""
     if isinstance(obj, torch.Tensor):
-        return obj.requires_grad
-    if isinstance(obj, (tuple, list)):
-        return any(_any_requires_grad(o) for o in obj)
-    if isinstance(obj, Mapping):
-        return any(_any_requires_grad(o) for o in obj.values())
-    return False
+        return [obj], lambda new: new[0]
+    if isinstance(obj, (tuple, list)) or isinstance(obj, Mapping):
+        keys = list(obj.keys()) if isinstance(obj, Mapping) else list(range(len(obj)))
+        parts = [_tensor_leaves(obj[k]) for k in keys]
+        sizes = [len(p[0]) for p in parts]
+        leaves = [t for p in parts for t in p[0]]
+
+        def rebuild(new: list[torch.Tensor]) -> Any:
+            out, start = [], 0
+            for (_, build), size in zip(parts, sizes):
+                out.append(build(new[start : start + size]))
+                start += size
+            if isinstance(obj, Mapping):
+                return type(obj)(zip(keys, out)) if isinstance(obj, dict) else dict(zip(keys, out))
+            return type(obj)(out) if type(obj) in (tuple, list) else tuple(out)
+
+        return leaves, rebuild
+    return [], lambda new: obj
+
+
+class _CellUpdate(nn.Module):
+    """``update_of(cell, z, u)`` as a module, for ``torch.func.functional_call``."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, z: State, u: Any) -> State:
+        return update_of(self.cell, z, u)
 
 
 def _has_init_state(cell: nn.Module) -> bool:
@@ -121,6 +163,9 @@ class DEQ(nn.Module):
         tol, max_iter, stop, policy: override the solver's stopping rule and failure policy
             (``policy``: ``"warn"``, ``"raise"`` or ``"ignore"``).
         eval_tol, eval_max_iter: stopping rule in eval mode (default: the training one).
+        pretrain_steps, pretrain_backward: use ``pretrain_backward`` for the first
+            ``pretrain_steps`` training-mode forwards, then ``backward`` (the deq repo's
+            pre-training: e.g. ``pretrain_backward=make_backward("unrolled", depth=12)``).
         solver_options, backward_options: options for plugins given by name.
 
     ``layer(x, z0=None)`` solves from ``z0`` (warm start) or ``cell.init_state(x)`` (zeros
@@ -146,6 +191,8 @@ class DEQ(nn.Module):
         eval_max_iter: Optional[int] = None,
         solver_options: Optional[Mapping[str, Any]] = None,
         backward_options: Optional[Mapping[str, Any]] = None,
+        pretrain_steps: int = 0,
+        pretrain_backward: str | BackwardStrategy | None = None,
     ) -> None:
         super().__init__()
         check_cell(cell)
@@ -155,6 +202,20 @@ class DEQ(nn.Module):
         )
         self.eval_solver = resolve_solver(self.solver, tol=eval_tol, max_iter=eval_max_iter)
         self.backward = resolve_backward(backward, backward_options)
+        check_compatible(self.solver, self.backward)
+        if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or \
+                pretrain_steps < 0:
+            raise ValueError(f"pretrain_steps must be an int >= 0, got {pretrain_steps!r}")
+        if pretrain_steps and pretrain_backward is None:
+            raise ValueError("pretrain_steps > 0 needs a pretrain_backward (e.g. 'unrolled')")
+        self.pretrain_steps = pretrain_steps
+        self.pretrain_backward = (
+            resolve_backward(pretrain_backward) if pretrain_backward is not None else None
+        )
+        if self.pretrain_backward is not None:
+            check_compatible(self.solver, self.pretrain_backward)
+        # training-mode forwards so far (a buffer: it survives state_dict round trips)
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
         self.solution: Optional[Solution] = None
         self.backward_solution: Optional[Solution] = None
 
@@ -178,16 +239,41 @@ class DEQ(nn.Module):
         def fn(z: State) -> State:
             return update_of(cell, z, u)
 
+        u_leaves, rebuild_u = _tensor_leaves(u)
+        grad_u = [i for i, t in enumerate(u_leaves) if t.requires_grad]
+        named = [(n, p) for n, p in cell.named_parameters() if p.requires_grad]
+        inputs = tuple(u_leaves[i] for i in grad_u) + tuple(p for _, p in named)
+
+        def fn_with(z_flat: torch.Tensor, new_inputs) -> torch.Tensor:
+            leaves = list(u_leaves)
+            for j, i in enumerate(grad_u):
+                leaves[i] = new_inputs[j]
+            new_params = new_inputs[len(grad_u):]
+            z = spec.unflatten(z_flat)
+            current = dict(cell.named_parameters())  # may differ from forward time, e.g.
+            # when the forward ran inside torch.func.functional_call
+            if all(t is current.get(n) for t, (n, _) in zip(new_params, named)):
+                out = update_of(cell, z, rebuild_u(leaves))
+            else:
+                params = {f"cell.{n}": t for (n, _), t in zip(named, new_params)}
+                out = torch.func.functional_call(_CellUpdate(cell), params, (z, rebuild_u(leaves)))
+            return spec.flatten(out, what="f(z)")
+
         problem = Problem(
             fn=flat_map(fn, spec),
             z0=spec.flatten(z0, what="z0").detach(),
+            inputs=inputs,
+            fn_with=fn_with,
             spec=spec,
-            requires_grad=_any_requires_grad(u)
-            or any(p.requires_grad for p in cell.parameters()),
             on_backward_solution=self._record_backward,
         )
         solver = self.solver if self.training else self.eval_solver
-        result = self.backward(problem, solver)
+        backward = self.backward
+        if self.training:
+            if int(self.train_steps) < self.pretrain_steps:
+                backward = self.pretrain_backward
+            self.train_steps += 1
+        result = backward(problem, solver)
         self.solution = result.solution
         return spec.unflatten(result.z)
 

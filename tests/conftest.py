@@ -42,6 +42,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if fixture in metafunc.fixturenames:
             names = REGISTRY.names(kind)
             metafunc.parametrize(fixture, names, ids=names)
+    if "exact_pair" in metafunc.fixturenames:
+        # (solver, backward) pairs whose gradient is exact up to tolerances, where the backward's
+        # requirements are met by the solver's declared capabilities
+        pairs = [
+            (s.name, b.name)
+            for s in REGISTRY.entries("solver")
+            for b in REGISTRY.entries("backward")
+            if "exact" in b.spec.capabilities and b.spec.requires <= s.spec.capabilities
+            and "linear_only" not in s.spec.capabilities
+        ]
+        metafunc.parametrize("exact_pair", pairs, ids=[f"{s}-{b}" for s, b in pairs])
+    if "exact_backward_name" in metafunc.fixturenames:
+        names = [e.name for e in REGISTRY.entries("backward") if "exact" in e.spec.capabilities]
+        metafunc.parametrize("exact_backward_name", names, ids=names)
     if "cell_with_strategy" in metafunc.fixturenames:
         # cells whose plugin ships a Hypothesis strategy of contractive instances
         names = [e.name for e in REGISTRY.entries("cell") if e.spec.strategy is not None]

@@ -25,14 +25,15 @@ def _quick_config(tmp_path, **kw):
 
 
 def test_in_process_run_writes_schema_table_and_plots(tmp_path, registry, capsys):
-    result = run_bench(_quick_config(tmp_path), registry=registry)
+    result = run_bench(_quick_config(tmp_path, cells=("tanh",)), registry=registry)
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["schema"] == SCHEMA
     assert {"torch", "device", "cpu_count", "tf32_matmul"} <= set(payload["machine"])
     combos = {(r["combination"]["solver"], r["combination"]["backward"])
               for r in payload["records"]}
-    assert combos == {(s, b) for s in registry.names("solver") for b in registry.names("backward")
-                      if "linear_only" not in registry.get("solver", s).spec.capabilities}
+    solvers = [e for e in registry.entries("solver") if "linear_only" not in e.spec.capabilities]
+    assert combos == {(s.name, b.name) for s in solvers for b in registry.entries("backward")
+                      if b.spec.requires <= s.spec.capabilities}
     for record in payload["records"]:
         assert record["error"] is None, record.get("traceback")
         fwd = record["forward"]
@@ -43,9 +44,7 @@ def test_in_process_run_writes_schema_table_and_plots(tmp_path, registry, capsys
         assert record["reference"]["status"] == "converged"
         if record["backward"] is not None and "exact" in registry.get(
                 "backward", record["combination"]["backward"]).spec.capabilities:
-            # a sanity bound: at tol 1e-4 the forward error alone moves the ResNet cell's
-            # gradient by ~2% (GroupNorm over small pre-activations amplifies it)
-            assert record["grad_rel_error"] < 0.1
+            assert record["grad_rel_error"] < 1e-2
     for name in ("residuals.png", "time_nfe.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     out = capsys.readouterr().out
