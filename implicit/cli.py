@@ -73,10 +73,10 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _positive_float(value: str) -> float:
+def _nonnegative_float(value: str) -> float:
     number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {number}")
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
     return number
 
 
@@ -97,13 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         "NFE, time to tolerance, training-step time, floor ratio, peak memory, true residual, "
         "gradient error vs a tight float64 reference. Writes results.json and PNG plots.",
     )
-    bench.add_argument("--solvers", type=_names, help="comma-separated solver names (default all)")
+    bench.add_argument("--solvers", type=_names,
+                       help="comma-separated solver names (default all); options as "
+                       "name:key=value, e.g. anderson:m=10")
     bench.add_argument("--cells", type=_names, help="comma-separated cell names (default all)")
-    bench.add_argument("--backwards", type=_names, help="comma-separated backward names")
+    bench.add_argument("--backwards", type=_names,
+                       help="comma-separated backward names (default all); options as "
+                       "name:key=value, e.g. phantom:k=1,phantom:k=20,jfb,ift")
     bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     bench.add_argument("--batch", type=_positive_int, help="override every workload's batch")
-    bench.add_argument("--tol", type=_positive_float, default=1e-4, help="forward tolerance")
+    bench.add_argument("--tol", type=_nonnegative_float, default=1e-4,
+                       help="forward tolerance (0: always run max-iter calls)")
     bench.add_argument("--stop", choices=["abs", "rel"], default="rel", help="residual to stop on")
     bench.add_argument("--max-iter", type=_positive_int, default=50, help="forward budget (calls)")
     bench.add_argument("--repeat", type=_positive_int, help="timed repeats (default 5; 3 quick)")

@@ -56,6 +56,8 @@ def _alternate(ours: Callable, theirs: Callable, device: torch.device, repeat: i
 def compare_torchdeq(combo: Combination, record: dict, registry: Registry) -> dict[str, Any]:
     from torchdeq import get_deq
 
+    if combo.solver_options or combo.backward_options:
+        return {"skipped": "equivalents are declared for default options only"}
     solver_eq = registry.get("solver", combo.solver).spec.equivalents.get("torchdeq")
     backward_eq = registry.get("backward", combo.backward).spec.equivalents.get("torchdeq")
     if solver_eq is None or backward_eq is None:

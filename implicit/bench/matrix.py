@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import ast
+
 import attrs
 
 from ..registry import Registry
@@ -25,36 +27,63 @@ def build_matrix(
     Left out: ``linear_only`` solvers (they solve affine maps only), plugins that do not run on
     ``device``, and pairs where one plugin ``requires`` a capability the other lacks. With
     ``quick``, only workloads marked quick. Unknown names are errors (with a did-you-mean).
+    A selection may carry options: ``"phantom:k=1"`` (see :func:`parse_selection`).
     """
     device_type = device.split(":")[0]
 
     def pick(kind: str, names: Optional[Sequence[str]]):
-        entries = [registry.get(kind, n) for n in names] if names else registry.entries(kind)
-        return [e for e in entries if device_type in e.spec.devices]
+        """(entry, options) per selection; ``name:key=value:key=value`` gives options."""
+        chosen = [parse_selection(n) for n in names] if names else [
+            (e.name, {}) for e in registry.entries(kind)]
+        out = []
+        for name, options in chosen:
+            entry = registry.get(kind, name)
+            if options:
+                registry.make(kind, name, **options)  # unknown/invalid options fail here
+            if device_type in entry.spec.devices:
+                out.append((entry, options))
+        return out
 
     solver_entries = [
-        e for e in pick("solver", solvers) if "linear_only" not in e.spec.capabilities
+        (e, o) for e, o in pick("solver", solvers) if "linear_only" not in e.spec.capabilities
     ]
-    cell_entries = pick("cell", cells)
+    cell_entries = [e for e, _ in pick("cell", cells)]
     backward_entries = pick("backward", backwards)
     combos = []
     for cell in cell_entries:
         for workload in cell.spec.workloads:
             if quick and not workload.quick:
                 continue
-            for solver in solver_entries:
+            for solver, solver_options in solver_entries:
                 if not solver.spec.requires <= cell.spec.capabilities:
                     continue
-                for backward in backward_entries:
+                for backward, backward_options in backward_entries:
                     if not backward.spec.requires <= solver.spec.capabilities:
                         continue
                     combos.append(
                         attrs.evolve(
                             template,
                             solver=solver.name,
+                            solver_options=dict(solver_options),
                             cell=cell.name,
                             workload=workload.name,
                             backward=backward.name,
+                            backward_options=dict(backward_options),
                         )
                     )
     return combos
+
+
+def parse_selection(text: str) -> tuple[str, dict]:
+    """``"phantom:k=1:lam=0.5"`` → ``("phantom", {"k": 1, "lam": 0.5})`` (Python literals)."""
+    name, *pairs = text.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad option {pair!r} in {text!r}: write name:key=value")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a bare word, e.g. solver=anderson
+    return name.strip(), options

@@ -38,6 +38,8 @@ class Combination:
     cell: str
     workload: str
     backward: str
+    solver_options: dict = attrs.field(factory=dict)
+    backward_options: dict = attrs.field(factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
     batch: Optional[int] = None
@@ -47,10 +49,26 @@ class Combination:
     repeat: int = 5
     seed: int = 0
     reference_tol: float = 1e-10
+    memory_only: bool = False  # measure the training step's peak memory and nothing else
+
+    @property
+    def solver_label(self) -> str:
+        return plugin_label(self.solver, self.solver_options)
+
+    @property
+    def backward_label(self) -> str:
+        return plugin_label(self.backward, self.backward_options)
 
     @property
     def key(self) -> str:
-        return f"{self.solver}/{self.workload}/{self.backward}"
+        return f"{self.solver_label}/{self.workload}/{self.backward_label}"
+
+
+def plugin_label(name: str, options: dict) -> str:
+    """``phantom(k=1)`` for a plugin name with options, the bare name without."""
+    if not options:
+        return name
+    return name + "(" + ",".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
 
 
 def sync(device: torch.device) -> None:
@@ -138,15 +156,24 @@ def build_problem(registry: Registry, combo: Combination) -> tuple[torch.nn.Modu
     return cell, x, workload
 
 
-def _grads(layer: DEQ, x: torch.Tensor, weight: Any, spec: StateSpec) -> torch.Tensor:
-    """Flattened gradient of ``<z*, weight>`` w.r.t. x and the cell's parameters."""
+def _grads(layer: DEQ, x: torch.Tensor, weight: Any, spec: StateSpec,
+           timing: Optional[torch.device] = None):
+    """Flattened gradient of ``<z*, weight>`` w.r.t. x and the cell's parameters; with
+    ``timing`` (a device), the seconds of the forward and of the backward instead."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(x.is_floating_point())
+    start = time.perf_counter()
     z = layer(x)
     loss = (spec.flatten(z) * weight).sum()
+    if timing is not None:
+        sync(timing)
+    middle = time.perf_counter()
     params = [p for p in layer.parameters() if p.requires_grad]
     inputs = ([x] if x.requires_grad else []) + params
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    if timing is not None:
+        sync(timing)
+        return middle - start, time.perf_counter() - middle
     return torch.cat(
         [(g if g is not None else torch.zeros_like(i)).reshape(-1) for g, i in zip(grads, inputs)]
     )
@@ -180,10 +207,11 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     device = torch.device(combo.device)
     cell, x, workload = build_problem(registry, combo)
     solver = registry.make(
-        "solver", combo.solver, tol=combo.tol, stop=combo.stop, max_iter=combo.max_iter,
-        policy="ignore",
+        "solver", combo.solver, **{**combo.solver_options, "tol": combo.tol, "stop": combo.stop,
+                                   "max_iter": combo.max_iter, "policy": "ignore"},
     )
-    layer = DEQ(cell, solver=solver, backward=registry.make("backward", combo.backward))
+    layer = DEQ(cell, solver=solver,
+                backward=registry.make("backward", combo.backward, **combo.backward_options))
     layer.train()
 
     with torch.no_grad():
@@ -214,6 +242,13 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         peak_bytes, peak_method = peak.growth, peak.method
     forward_solution = layer.solution
     backward_solution = layer.backward_solution
+    if combo.memory_only:
+        return {
+            "train_forward": _nfe_stats(forward_solution),
+            "backward": _nfe_stats(backward_solution) if backward_solution is not None else None,
+            "peak_memory_bytes": int(peak_bytes),
+            "peak_memory_method": peak_method,
+        }
 
     # time to tolerance (forward, no graph), each repeat right after timing single cell
     # evaluations, so the floor ratio compares like with like on a noisy machine
@@ -228,7 +263,13 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # noise on a shared machine only ever adds time: the floor ratio compares the fastest
     # forward with the fastest single cell evaluation, both measured interleaved
     floor_ratio = min(fwd_times) / (fwd.n_calls * min(cell_times))
-    train_times = timed(lambda: _grads(layer, x, weight, spec), device, combo.repeat)
+    train_fwd, train_bwd = [], []
+    _grads(layer, x, weight, spec)  # warm-up
+    for _ in range(combo.repeat):
+        t_fwd, t_bwd = _grads(layer, x, weight, spec, timing=device)
+        train_fwd.append(t_fwd)
+        train_bwd.append(t_bwd)
+    train_times = [a + b for a, b in zip(train_fwd, train_bwd)]
 
     # the true residual, recomputed by an independent call of the cell on the returned z
     with torch.no_grad():
@@ -240,13 +281,14 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # exact backward (a registered backward declaring the "exact" capability)
     exact = [e.name for e in registry.entries("backward") if "exact" in e.spec.capabilities]
     reference: dict[str, Any] = {"solver": combo.solver, "tol": combo.reference_tol}
-    grad_error = None
+    grad_error = grad_cosine = None
     if not exact:
         reference["error"] = "no backward with the 'exact' capability is registered"
     else:
         ref_solver = registry.make(
-            "solver", combo.solver, tol=combo.reference_tol, stop="rel",
-            max_iter=20 * combo.max_iter, policy="ignore",
+            "solver", combo.solver, **{**combo.solver_options, "tol": combo.reference_tol,
+                                       "stop": "rel", "max_iter": 20 * combo.max_iter,
+                                       "policy": "ignore"},
         )
         ref_backward = exact[0]
         backward_options = registry.get("backward", ref_backward).spec.option_schema
@@ -267,6 +309,8 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
             denom = float(torch.linalg.vector_norm(ref_grad))
             err = float(torch.linalg.vector_norm(grad.double() - ref_grad))
             grad_error = err / denom if denom > 0 else err
+            grad_cosine = float(torch.nn.functional.cosine_similarity(
+                grad.double(), ref_grad, dim=0))
 
     fwd_median = statistics.median(fwd_times)
     return {
@@ -283,12 +327,15 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "backward": _nfe_stats(backward_solution) if backward_solution is not None else None,
         "train_forward": _nfe_stats(forward_solution),
         "train_step_time_s": statistics.median(train_times),
+        "train_forward_time_s": statistics.median(train_fwd),
+        "backward_time_s": statistics.median(train_bwd),
         "train_step_times_s": train_times,
         "cell_eval_time_s": min(cell_times),
         "floor_ratio": floor_ratio,
         "peak_memory_bytes": int(peak_bytes),
         "peak_memory_method": peak_method,
         "grad_rel_error": grad_error,
+        "grad_cosine": grad_cosine,
         "reference": reference,
     }
 

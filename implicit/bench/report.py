@@ -16,6 +16,12 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     return format(value * scale, spec)
 
 
+def _label(combination: dict, kind: str) -> str:
+    from .measure import plugin_label
+
+    return plugin_label(combination[kind], combination.get(f"{kind}_options") or {})
+
+
 def table(records: list[dict[str, Any]], title: str):
     """A rich Table of the records (one row per combination)."""
     from rich.table import Table
@@ -25,8 +31,9 @@ def table(records: list[dict[str, Any]], title: str):
     for name, justify in [
         ("solver", "left"), ("workload", "left"), ("backward", "left"), ("fwd status", "left"),
         ("fwd calls", "right"), ("nfe mean/max", "right"), ("fwd ms", "right"),
-        ("floor ×", "right"), ("bwd calls", "right"), ("train ms", "right"),
+        ("floor ×", "right"), ("bwd calls", "right"), ("bwd ms", "right"), ("train ms", "right"),
         ("peak MiB", "right"), ("true rel res", "right"), ("grad rel err", "right"),
+        ("grad cos", "right"),
     ]:
         t.add_column(name, justify=justify)
     if has_compare:
@@ -35,7 +42,8 @@ def table(records: list[dict[str, Any]], title: str):
     for r in records:
         c = r["combination"]
         if r.get("error"):
-            row = [c["solver"], c["workload"], c["backward"], f"[red]error: {r['error']}[/red]"]
+            row = [_label(c, "solver"), c["workload"], _label(c, "backward"),
+                   f"[red]error: {r['error']}[/red]"]
             row += [""] * (len(t.columns) - len(row))
             t.add_row(*row)
             continue
@@ -45,12 +53,14 @@ def table(records: list[dict[str, Any]], title: str):
         if f["status"] != "converged":
             status = f"[yellow]{status} ({f['status']})[/yellow]"
         row = [
-            c["solver"], c["workload"], c["backward"], status,
+            _label(c, "solver"), c["workload"], _label(c, "backward"), status,
             str(f["n_calls"]), f"{f['nfe_mean']:.1f}/{f['nfe_max']}",
             _fmt(f["time_s"], ".2f", 1e3), _fmt(r["floor_ratio"], ".2f"),
-            str(b["n_calls"]) if b else "-", _fmt(r["train_step_time_s"], ".2f", 1e3),
+            str(b["n_calls"]) if b else "-", _fmt(r.get("backward_time_s"), ".2f", 1e3),
+            _fmt(r["train_step_time_s"], ".2f", 1e3),
             _fmt(r["peak_memory_bytes"], ".1f", 1 / 2**20),
             _fmt(f["true_rel_residual_max"], ".1e"), _fmt(r["grad_rel_error"], ".1e"),
+            _fmt(r.get("grad_cosine"), ".4f"),
         ]
         if has_compare:
             cmp = r.get("compare") or {}
@@ -82,7 +92,7 @@ def plot(records: list[dict[str, Any]], out: Path, tol: Optional[float],
     by_workload: dict[str, dict[str, list]] = defaultdict(dict)
     for r in ok:
         c = r["combination"]
-        by_workload[c["workload"]].setdefault(c["solver"], r["forward"]["trace"])
+        by_workload[c["workload"]].setdefault(_label(c, "solver"), r["forward"]["trace"])
     n = len(by_workload)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
     for ax, (workload, traces) in zip(axes[0], sorted(by_workload.items())):
@@ -104,8 +114,8 @@ def plot(records: list[dict[str, Any]], out: Path, tol: Optional[float],
     paths.append(path)
 
     # 2. forward time, training-step time and NFE per combination
-    labels = [f"{r['combination']['solver']}\n{r['combination']['workload']}\n"
-              f"{r['combination']['backward']}" for r in ok]
+    labels = [f"{_label(r['combination'], 'solver')}\n{r['combination']['workload']}\n"
+              f"{_label(r['combination'], 'backward')}" for r in ok]
     fwd_ms = [r["forward"]["time_s"] * 1e3 for r in ok]
     train_ms = [r["train_step_time_s"] * 1e3 for r in ok]
     fwd_calls = [r["forward"]["n_calls"] for r in ok]

@@ -76,11 +76,17 @@ def machine_info(device: str) -> dict[str, Any]:
 def _run_isolated(combo: Combination) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "record.json"
+        env = dict(os.environ)
+        if combo.memory_only:
+            # glibc: serve every block over 64 KiB by mmap, so freed tensors leave the resident
+            # set at once and the high-water mark tracks live tensors, not heap fragmentation
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
         proc = subprocess.run(
             [sys.executable, "-m", "implicit.bench.worker", str(result)],
             input=json.dumps(attrs.asdict(combo)),
             capture_output=True,
             text=True,
+            env=env,
         )
         if proc.returncode != 0 or not result.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
