@@ -95,6 +95,9 @@ class Evaluator:
         self.fn = fn
         self.budget = budget
         self.calls = 0
+        # A solver whose samples make different numbers of calls within one step (per-sample
+        # scipy solves) sets this (B,) tensor for the step; the loop then counts nfe from it.
+        self.sample_calls: Optional[torch.Tensor] = None
 
     @property
     def remaining(self) -> int:
@@ -177,7 +180,11 @@ def iterate(
         calls_before = counted.calls
         z_new, fz_new, state = solver.step(counted, z, fz, state)
         step_calls = counted.calls - calls_before
-        nfe.add_(active if step_calls == 1 else active.long() * step_calls)
+        if counted.sample_calls is not None:
+            nfe.add_(active.long() * counted.sample_calls)
+            counted.sample_calls = None
+        else:
+            nfe.add_(active if step_calls == 1 else active.long() * step_calls)
 
         abs_new, rel_new = residuals(z_new, fz_new)
         metric_new = abs_new if solver.stop == "abs" else rel_new
@@ -217,6 +224,7 @@ def iterate(
     codes = torch.where(converged, Status.CONVERGED.code, codes)
     codes = codes.to(torch.int8)
     worst = Status.from_code(int(codes.max())) if codes.numel() else Status.CONVERGED
+    stats = solver.stats(state)
     record = Solution(
         z=spec.unflatten(best.z.detach()) if spec is not None else best.z.detach(),
         nfe=nfe,
@@ -230,7 +238,8 @@ def iterate(
         stop=solver.stop,
         solver=solver.name,
         trace=torch.stack(trace) if trace is not None else None,
-        stats=solver.stats(state),
+        stats=stats,
+        njvp=int(stats.get("njvp", 0)),
     )
     apply_policy(record, solver.policy, what=what)
     return FlatResult(z=best.z, solution=record)

@@ -41,7 +41,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for fixture, kind in _AXES.items():
         if fixture in metafunc.fixturenames:
             names = REGISTRY.names(kind)
+            if kind == "solver":  # nonlinear fixed points: linear-only solvers do not apply
+                names = [n for n in names
+                         if "linear_only" not in REGISTRY.get("solver", n).spec.capabilities]
             metafunc.parametrize(fixture, names, ids=names)
+    if "adjoint_solver_name" in metafunc.fixturenames:
+        names = REGISTRY.names("solver")  # the IFT adjoint is affine: every solver applies
+        metafunc.parametrize("adjoint_solver_name", names, ids=names)
     if "exact_pair" in metafunc.fixturenames:
         # (solver, backward) pairs whose gradient is exact up to tolerances, where the backward's
         # requirements are met by the solver's declared capabilities

@@ -37,11 +37,12 @@ def _param_fn(layer, x):
 
 
 @pytest.mark.parametrize("cell_kind", ["tanh", "resnet"])
-def test_ift_gradcheck_with_every_adjoint_solver(solver_name, cell_kind):
+def test_ift_gradcheck_with_every_adjoint_solver(adjoint_solver_name, cell_kind):
     # The forward solver is plain iteration: its error at x ± eps is smooth in x, so the
     # numerical Jacobian is clean; the adjoint solver is the one under test.
     cell = tanh_cell() if cell_kind == "tanh" else tiny_resnet()
-    backward = implicit.make_backward("ift", solver=solver_name, tol=1e-12, max_iter=800)
+    backward = implicit.make_backward("ift", solver=adjoint_solver_name, tol=1e-12,
+                                      max_iter=800)
     layer = implicit.DEQ(cell, solver="forward", backward=backward, **TIGHT)
     x = (torch.randn(2, 3, dtype=D64) if cell_kind == "tanh"
          else torch.randn(1, 2, 3, 3, dtype=D64)).requires_grad_()

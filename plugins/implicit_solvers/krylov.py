@@ -1,0 +1,159 @@
+"""Batched restarted GMRES (Saad & Schultz 1986), one Arnoldi process per sample.
+
+``batched_gmres`` solves ``A_i x_i = b_i`` for every sample ``i`` of a batch with a
+matrix-free ``matvec`` that applies all ``A_i`` at once. Each sample has its own Krylov space,
+Hessenberg matrix and Givens rotations — never one Krylov space over the whole batch, which
+would couple the samples — and stops on its own relative residual ``‖b − A x‖ ≤ rtol ‖b‖``.
+
+The ``gmres`` solver plugin applies it to a fixed-point problem ``w = h(w)`` whose map is
+*affine* (``linear_only``): with ``A v = h(w + v) − h(w)`` it solves ``(I − A) δ = h(w) − w``,
+one restart cycle per step. That is what the IFT adjoint ``w = Jᵀ w + y`` is, and GMRES makes it
+converge at repelling equilibria (spectral radius of J above 1), where fixed-point iteration
+cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import attrs
+import torch
+
+import implicit
+
+
+@attrs.frozen(eq=False)
+class GMRESResult:
+    x: torch.Tensor  # (B, n)
+    residual: torch.Tensor  # (B,) estimated ‖b − A x‖
+    matvecs: int
+    converged: torch.Tensor  # (B,) bool
+
+
+def batched_gmres(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    *,
+    x0: torch.Tensor | None = None,
+    rtol: torch.Tensor | float = 1e-6,
+    restart: int = 20,
+    max_matvecs: int = 100,
+) -> GMRESResult:
+    """Solve ``A x = b`` per sample (rows of ``b``: ``(B, n)``); ``rtol`` may be per sample."""
+    bsz, n = b.shape
+    dtype, device = b.dtype, b.device
+    tiny = torch.finfo(dtype).tiny
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    b_norm = torch.linalg.vector_norm(b, dim=1)
+    target = torch.as_tensor(rtol, dtype=dtype, device=device) * b_norm
+    matvecs = 0
+    r = b - matvec(x) if x0 is not None else b.clone()
+    matvecs += x0 is not None
+    beta = torch.linalg.vector_norm(r, dim=1)
+    converged = beta <= target
+    while matvecs < max_matvecs and not bool(converged.all()):
+        m = min(restart, max_matvecs - matvecs)
+        V = torch.zeros(bsz, m + 1, n, dtype=dtype, device=device)
+        H = torch.zeros(bsz, m + 1, m, dtype=dtype, device=device)
+        cs = torch.zeros(bsz, m, dtype=dtype, device=device)
+        sn = torch.zeros(bsz, m, dtype=dtype, device=device)
+        g = torch.zeros(bsz, m + 1, dtype=dtype, device=device)
+        g[:, 0] = beta
+        V[:, 0] = r / beta.clamp_min(tiny)[:, None]
+        done = converged.clone()  # samples that need no more columns in this cycle
+        used = torch.zeros(bsz, dtype=torch.long, device=device)
+        k = 0
+        for k in range(m):
+            w = matvec(V[:, k])
+            matvecs += 1
+            # modified Gram–Schmidt, per sample
+            for i in range(k + 1):
+                h = (w * V[:, i]).sum(dim=1)
+                H[:, i, k] = h
+                w = w - h[:, None] * V[:, i]
+            h_next = torch.linalg.vector_norm(w, dim=1)
+            H[:, k + 1, k] = h_next
+            V[:, k + 1] = w / h_next.clamp_min(tiny)[:, None]
+            # apply the previous rotations to the new column, then make a new one
+            for i in range(k):
+                a, c = H[:, i, k].clone(), H[:, i + 1, k].clone()
+                H[:, i, k] = cs[:, i] * a + sn[:, i] * c
+                H[:, i + 1, k] = -sn[:, i] * a + cs[:, i] * c
+            a, c = H[:, k, k].clone(), H[:, k + 1, k].clone()
+            rho = torch.sqrt(a * a + c * c)
+            safe = rho > tiny
+            cs[:, k] = torch.where(safe, a / rho.clamp_min(tiny), torch.ones_like(a))
+            sn[:, k] = torch.where(safe, c / rho.clamp_min(tiny), torch.zeros_like(c))
+            H[:, k, k] = torch.where(safe, rho, a)
+            H[:, k + 1, k] = 0
+            g[:, k + 1] = -sn[:, k] * g[:, k]
+            g[:, k] = cs[:, k] * g[:, k]
+            residual = g[:, k + 1].abs()
+            used = torch.where(done, used, used + 1)
+            # happy breakdown (h_next = 0) means the Krylov space holds the exact solution
+            done = done | (residual <= target) | (h_next <= tiny * (1 + H[:, k, k].abs()))
+            if bool(done.all()):
+                break
+        cols = k + 1
+        # per sample: solve the leading used×used triangle, columns beyond it switched off
+        mask = torch.arange(cols, device=device)[None, :] < used[:, None]  # (B, cols)
+        R = H[:, :cols, :cols]
+        eye = torch.eye(cols, dtype=dtype, device=device).expand(bsz, cols, cols)
+        R = torch.where(mask[:, :, None] & mask[:, None, :], R, eye)
+        rhs = torch.where(mask, g[:, :cols], torch.zeros_like(g[:, :cols]))
+        y = torch.linalg.solve_triangular(R, rhs.unsqueeze(2), upper=True).squeeze(2)
+        y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+        x = x + torch.bmm(y.unsqueeze(1), V[:, :cols]).squeeze(1)
+        r = b - matvec(x)
+        matvecs += 1
+        beta = torch.linalg.vector_norm(r, dim=1)
+        converged = beta <= target * (1 + 1e-6)
+        if bool(((used == 0) | converged).all()):
+            break
+    return GMRESResult(x=x, residual=beta, matvecs=matvecs, converged=converged)
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class GMRES(implicit.Solver):
+    """Restarted GMRES per sample for affine fixed points w = h(w) (e.g. the IFT adjoint)."""
+
+    name: ClassVar[str] = "gmres"
+
+    restart: int = attrs.field(default=20, validator=_positive_int)
+
+    def step(self, fn, z, fz, state):
+        # h affine: h(z + v) − h(z) = A v; the fixed point solves (I − A) δ = h(z) − z
+        budget = fn.remaining - 1  # keep one call for f at the new iterate
+        if budget < 1:
+            return z, fz, state
+        result = batched_gmres(
+            lambda v: v - (fn(z + v) - fz),
+            fz - z,
+            rtol=_inner_rtol(self, z, fz),
+            restart=self.restart,
+            max_matvecs=min(budget, self.restart + 1),
+        )
+        z_next = z + result.x
+        return z_next, fn(z_next), state
+
+
+def _inner_rtol(solver: implicit.Solver, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+    """Per-sample relative tolerance for one cycle, aimed a little below the loop's stop."""
+    res = torch.linalg.vector_norm(fz - z, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+    if solver.stop == "abs":
+        goal = torch.full_like(res, float(solver.tol))
+    else:
+        goal = float(solver.tol) * torch.linalg.vector_norm(fz, dim=1)
+    return (0.5 * goal / res).clamp(max=0.5)
+
+
+@implicit.hookimpl
+def implicit_register_solvers(register):
+    register(
+        implicit.SolverSpec(name="gmres", factory=GMRES, capabilities={"linear_only"})
+    )

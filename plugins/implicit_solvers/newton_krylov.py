@@ -1,0 +1,284 @@
+"""Newton–Krylov for ``g(z) = f(z) − z = 0``: scipy on CPU, Jacobian-free Newton–GMRES in torch.
+
+``backend="auto"`` picks ``scipy`` for CPU tensors and ``torch`` otherwise.
+
+* **scipy** — a real :func:`scipy.optimize.newton_krylov` call *per sample* (a block-diagonal
+  batch would couple the samples through its line search, its Krylov space and its max-norm
+  stop), bridged in float64, with its finite-difference step ``rdiff`` set to √eps *of the
+  cell's dtype* (numpy's float64 √eps on a float32 cell differentiates rounding noise). The
+  per-sample solves run in lock step
+  in threads: every evaluation round gathers the points all of them asked for and evaluates the
+  cell once on the batch. ``NoConvergence`` (or any failure inside scipy) becomes our status,
+  never an escaping exception; each sample returns the best point it evaluated.
+* **torch** — Jacobian-free Newton–Krylov: each Newton step solves ``(I − J) d = g`` with the
+  batched per-sample GMRES of :mod:`implicit_solvers.krylov` to a forcing tolerance (constant
+  ``eta`` or Eisenstat–Walker), then a backtracking line search on ``‖g‖``. Products ``J v`` use
+  forward-mode AD (``torch.func.jvp``) when it works through the cell, else finite differences
+  ``(f(z + h v) − f(z)) / h`` with ``h = √eps (1 + ‖z‖) / ‖v‖`` (``jvp="finite_difference"``
+  forces it; cells whose forward AD fails, e.g. CPU attention or train-mode BatchNorm, fall back
+  on the first failure). ``Solution.njvp`` counts the products; ``n_calls`` counts evaluations of
+  f at iterates and line-search trials (finite-difference products are counted in ``njvp``).
+
+``max_iter`` bounds the calls of f on the batch, as for every solver.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import ClassVar
+
+import attrs
+import numpy as np
+import torch
+from attrs import validators as v
+
+import implicit
+
+from .krylov import batched_gmres
+
+SCIPY_METHODS = ("lgmres", "gmres", "bicgstab", "cgs", "minres", "tfqmr")
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def _fraction(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{attribute.name} must be a number in (0, 1), got {value!r}")
+
+
+@attrs.define
+class _TorchState:
+    eta: torch.Tensor | None = None  # (B,) forcing term of the previous step
+    g_norm: torch.Tensor | None = None  # (B,) ‖g‖ at the previous iterate
+    jvp_mode: str = "auto"
+    njvp: int = 0
+    newton_steps: int = 0
+    scipy_failures: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class NewtonKrylov(implicit.Solver):
+    """Newton-Krylov: scipy.optimize.newton_krylov per sample on CPU, JFNK-GMRES in torch."""
+
+    name: ClassVar[str] = "newton_krylov"
+
+    backend: str = attrs.field(default="auto", validator=v.in_(("auto", "scipy", "torch")))
+    method: str = attrs.field(default="lgmres", validator=v.in_(SCIPY_METHODS))
+    inner_m: int = attrs.field(default=30, validator=_positive_int)
+    inner_maxiter: int = attrs.field(default=60, validator=_positive_int)
+    forcing: str = attrs.field(default="eisenstat_walker",
+                               validator=v.in_(("eisenstat_walker", "constant")))
+    eta: float = attrs.field(default=1e-2, validator=_fraction)
+    jvp: str = attrs.field(default="auto",
+                           validator=v.in_(("auto", "forward_ad", "finite_difference")))
+    line_search: bool = attrs.field(default=True, validator=v.instance_of(bool))
+
+    def resolved_backend(self, z: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "scipy" if z.device.type == "cpu" else "torch"
+
+    def init(self, z, fz):
+        return _TorchState(jvp_mode=self.jvp)
+
+    def step(self, fn, z, fz, state: _TorchState):
+        if self.resolved_backend(z) == "scipy":
+            return self._scipy_solve(fn, z, fz, state)
+        return self._newton_step(fn, z, fz, state)
+
+    def stats(self, state: _TorchState) -> dict:
+        return {"njvp": state.njvp, "newton_steps": state.newton_steps,
+                "jvp": state.jvp_mode, "scipy_failures": state.scipy_failures}
+
+    # -- torch: one Newton step per loop step ----------------------------------------------
+    def _newton_step(self, fn, z, fz, state: _TorchState):
+        g = fz - z
+        g_norm = torch.linalg.vector_norm(g, dim=1)
+        eta = self._forcing(g_norm, state)
+
+        def matvec(vec: torch.Tensor) -> torch.Tensor:
+            return vec - self._jvp(fn, z, fz, vec, state)
+
+        result = batched_gmres(matvec, g, rtol=eta, restart=self.inner_m,
+                               max_matvecs=self.inner_maxiter)
+        state.newton_steps += 1
+        direction = result.x
+        z_next = z + direction
+        fz_next = fn(z_next)
+        if self.line_search:
+            step = torch.ones_like(g_norm)
+            for _ in range(4):
+                worse = torch.linalg.vector_norm(fz_next - z_next, dim=1) > (1 - 1e-4 * step) * g_norm
+                if fn.remaining <= 0 or not bool(worse.any()):
+                    break
+                step = torch.where(worse, step / 2, step)
+                trial = z + step[:, None] * direction
+                f_trial = fn(trial)
+                z_next = torch.where(worse[:, None], trial, z_next)
+                fz_next = torch.where(worse[:, None], f_trial, fz_next)
+        state.eta, state.g_norm = eta, g_norm
+        return z_next, fz_next, state
+
+    def _forcing(self, g_norm: torch.Tensor, state: _TorchState) -> torch.Tensor:
+        if self.forcing == "constant" or state.eta is None:
+            return torch.full_like(g_norm, float(self.eta))
+        # Eisenstat & Walker (1996), choice 2 with gamma = 0.9, alpha = 2, and their safeguard
+        ratio = g_norm / state.g_norm.clamp_min(torch.finfo(g_norm.dtype).tiny)
+        eta = 0.9 * ratio.square()
+        floor = 0.9 * state.eta.square()
+        eta = torch.where(floor > 0.1, torch.maximum(eta, floor), eta)
+        return eta.clamp(min=1e-10, max=0.9)
+
+    def _jvp(self, fn, z, fz, vec, state: _TorchState) -> torch.Tensor:
+        state.njvp += 1
+        if state.jvp_mode in ("auto", "forward_ad"):
+            try:
+                _, out = torch.func.jvp(fn.fn, (z,), (vec,))
+                if state.jvp_mode == "auto":
+                    state.jvp_mode = "forward_ad"
+                return out
+            except Exception:
+                if self.jvp == "forward_ad":
+                    raise
+                state.jvp_mode = "finite_difference"
+        eps = torch.finfo(z.dtype).eps
+        v_norm = torch.linalg.vector_norm(vec, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        h = math.sqrt(eps) * (1 + torch.linalg.vector_norm(z, dim=1)) / v_norm
+        return (fn.fn(z + h[:, None] * vec) - fz) / h[:, None]
+
+    # -- scipy: the whole solve in one loop step ----------------------------------------------
+    def _scipy_solve(self, fn, z, fz, state: _TorchState):
+        from scipy.optimize import newton_krylov
+        from scipy.optimize import NoConvergence
+
+        bsz = z.shape[0]
+        res = torch.linalg.vector_norm(fz - z, dim=1)
+        if self.stop == "abs":
+            goal = torch.full_like(res, float(self.tol))
+        else:
+            goal = float(self.tol) * torch.linalg.vector_norm(fz, dim=1)
+        # scipy stops on the max-norm of F; aim it so the 2-norm meets our criterion
+        f_tol = (goal / math.sqrt(z.shape[1])).double().cpu().numpy()
+        todo = [i for i in range(bsz) if not bool(res[i] <= goal[i])]
+        batch = _Lockstep(fn, z, fz, todo)
+        # lgmres calls its Krylov size inner_m, and newton_krylov strips one "inner_" prefix
+        inner = {"inner_inner_m": self.inner_m} if self.method == "lgmres" else {}
+        # the finite-difference step must suit the cell's precision, not numpy's float64
+        rdiff = math.sqrt(torch.finfo(z.dtype).eps)
+
+        def solve_one(i: int) -> None:
+            try:
+                newton_krylov(
+                    lambda x: batch.residual(i, x), batch.start(i), method=self.method,
+                    inner_maxiter=self.inner_maxiter, f_tol=float(f_tol[i]),
+                    maxiter=10_000, line_search="armijo" if self.line_search else None,
+                    verbose=False, rdiff=rdiff, **inner,
+                )
+            except NoConvergence:
+                pass
+            except _BudgetSpent:
+                pass
+            except Exception:  # a failure inside scipy: the best point so far stands
+                batch.failed(i)
+            finally:
+                batch.finish(i)
+
+        threads = [threading.Thread(target=solve_one, args=(i,), daemon=True) for i in todo]
+        for t in threads:
+            t.start()
+        batch.serve()
+        for t in threads:
+            t.join()
+        state.scipy_failures += batch.failures
+        fn.sample_calls = batch.calls
+        return batch.best_z, batch.best_fz, state
+
+
+class _BudgetSpent(Exception):
+    """Raised inside a scipy solve when the loop's max_iter budget is used up."""
+
+
+class _Lockstep:
+    """Per-sample scipy solves in threads; each round evaluates every pending point at once."""
+
+    def __init__(self, fn, z: torch.Tensor, fz: torch.Tensor, todo: list[int]) -> None:
+        self.fn = fn
+        self.base = z.clone()
+        self.best_z, self.best_fz = z.clone(), fz.clone()
+        self.best_res = torch.linalg.vector_norm(fz - z, dim=1)
+        self.cv = threading.Condition()
+        self.pending: dict[int, np.ndarray] = {}
+        self.results: dict[int, object] = {}
+        self.running = set(todo)
+        self.calls = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+        self.failures = 0
+
+    def start(self, i: int) -> np.ndarray:
+        return self.base[i].detach().double().cpu().numpy()
+
+    def residual(self, i: int, x: np.ndarray) -> np.ndarray:
+        with self.cv:
+            self.pending[i] = np.array(x, dtype=np.float64)
+            self.cv.notify_all()
+            while i not in self.results:
+                self.cv.wait()
+            out = self.results.pop(i)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def failed(self, i: int) -> None:
+        with self.cv:
+            self.failures += 1
+
+    def finish(self, i: int) -> None:
+        with self.cv:
+            self.running.discard(i)
+            self.cv.notify_all()
+
+    def serve(self) -> None:
+        while True:
+            with self.cv:
+                while self.running and set(self.pending) != self.running:
+                    self.cv.wait()
+                if not self.running:
+                    break
+                batch, self.pending = self.pending, {}
+            if self.fn.remaining <= 0:
+                with self.cv:
+                    for i in batch:
+                        self.results[i] = _BudgetSpent()
+                    self.cv.notify_all()
+                continue
+            rows = list(batch)
+            z = self.best_z.clone()
+            index = torch.tensor(rows, device=z.device)
+            z[index] = torch.from_numpy(np.stack([batch[i] for i in rows])).to(z)
+            fz = self.fn(z)
+            self.calls[index] += 1
+            res = torch.linalg.vector_norm(fz - z, dim=1)
+            better = torch.zeros_like(res, dtype=torch.bool)
+            better[index] = res[index] < self.best_res[index]
+            self.best_z = torch.where(better[:, None], z, self.best_z)
+            self.best_fz = torch.where(better[:, None], fz, self.best_fz)
+            self.best_res = torch.where(better, res, self.best_res)
+            g = (fz - z)[index].double().cpu().numpy()
+            with self.cv:
+                for k, i in enumerate(rows):
+                    self.results[i] = g[k]
+                self.cv.notify_all()
+
+
+@implicit.hookimpl
+def implicit_register_solvers(register):
+    register(
+        implicit.SolverSpec(
+            name="newton_krylov",
+            factory=NewtonKrylov,
+            capabilities={"uses_jvp"},
+        )
+    )

@@ -1,0 +1,145 @@
+"""Newton–Krylov (both backends) and GMRES: agreement with Anderson, scipy problems, budgets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import implicit
+from implicit_solvers.krylov import batched_gmres
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_solvers import PROBLEMS  # noqa: E402
+
+D64 = torch.float64
+BACKENDS = ["scipy", "torch"]
+
+
+def nk(backend, **kw):
+    return implicit.make_solver("newton_krylov", backend=backend, **kw)
+
+
+def test_batched_gmres_solves_per_sample_systems():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 12, 12, generator=gen, dtype=D64) + 4 * torch.eye(12, dtype=D64)
+    b = torch.randn(3, 12, generator=gen, dtype=D64)
+    result = batched_gmres(lambda v: (A @ v.unsqueeze(2)).squeeze(2), b, rtol=1e-12,
+                           restart=12, max_matvecs=40)
+    torch.testing.assert_close(result.x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-10)
+    assert result.converged.all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_fixed_point_as_anderson_on_tanh(backend):
+    torch.manual_seed(0)
+    cell = implicit.make_cell("tanh", features=16, in_features=8).double()
+    x = torch.randn(5, 8, dtype=D64)
+    kw = dict(tol=1e-10, stop="abs", max_iter=400)
+    ref = implicit.DEQ(cell, solver="anderson", backward="ift", **kw)
+    layer = implicit.DEQ(cell, solver=nk(backend), backward="ift", **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=1e-6)
+    assert layer.solution.all_converged
+    if backend == "torch":
+        assert layer.solution.njvp > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_fixed_point_as_anderson_on_a_small_resnet(backend):
+    torch.manual_seed(0)
+    cell = implicit.make_cell("resnet", channels=4, inner_channels=8, num_groups=2).double()
+    x = torch.randn(2, 4, 6, 6, dtype=D64)
+    kw = dict(tol=1e-9, stop="abs", max_iter=400)
+    with torch.no_grad():
+        ref = implicit.DEQ(cell, solver="anderson", backward="ift", **kw)(x)
+        layer = implicit.DEQ(cell, solver=nk(backend), backward="ift", **kw)
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("form", ["minus", "plus"])
+def test_scipy_problems(backend, problem, form):
+    F, x0 = PROBLEMS[problem]
+    sign = -1.0 if form == "minus" else 1.0
+    sol = implicit.solve(lambda z: z + sign * F(z), torch.tensor([x0], dtype=D64),
+                         solver=nk(backend), tol=1e-7, stop="abs", max_iter=400, policy="ignore")
+    assert sol.all_converged and F(sol.z).abs().max().item() < 1e-6, sol.summary()
+
+
+def test_random_linear_problem_in_two_newton_steps():
+    rng = np.random.RandomState(123)  # scipy's TestLinear set-up: N = 20
+    A = torch.from_numpy(rng.randn(20, 20))
+    b = torch.from_numpy(rng.randn(20))
+
+    def f(z):  # z + F(z) with F(x) = A x − b
+        return z + z @ A.T - b
+
+    for backend, opts in [("scipy", {"inner_m": 10, "line_search": False}),
+                          ("torch", {"line_search": False})]:
+        solver = nk(backend, **opts)
+        sol = implicit.solve(f, torch.zeros(1, 20, dtype=D64), solver=solver, tol=1e-6,
+                             stop="abs", max_iter=400, policy="ignore")
+        assert sol.all_converged
+        torch.testing.assert_close(sol.z[0] @ A.T, b, rtol=0, atol=1e-6)
+        assert sol.stats["newton_steps"] <= 2 if backend == "torch" else True
+
+
+def test_scipy_no_convergence_becomes_a_status():
+    sol = implicit.solve(lambda z: z + 1e3 + 0 * z, torch.zeros(2, 1, dtype=D64),
+                         solver=nk("scipy"), tol=1e-10, stop="abs", max_iter=5, policy="ignore")
+    assert not sol.converged.any() and sol.n_calls <= 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budget_and_per_sample_counts(backend):
+    scale = torch.tensor([0.1, 0.9], dtype=D64)[:, None]
+    sol = implicit.solve(lambda z: torch.tanh(scale * z + 1), torch.zeros(2, 4, dtype=D64),
+                         solver=nk(backend), tol=1e-12, stop="abs", max_iter=50)
+    assert sol.all_converged and sol.n_calls <= 50 and bool((sol.nfe <= sol.n_calls).all())
+
+
+def test_gmres_solves_the_adjoint_of_a_repelling_equilibrium():
+    """z = 1.5 z − 0.5 x: a repelling fixed point (J = 1.5). Forward iteration of the adjoint
+    diverges; GMRES gives the exact gradient dz/dx = 1."""
+
+    class Repelling(implicit.Cell):
+        def update(self, z, u):
+            return 1.5 * z - 0.5 * u
+
+    x = torch.randn(3, 4, dtype=D64, requires_grad=True)
+    backward = implicit.make_backward("ift", solver="gmres", tol=1e-12)
+    layer = implicit.DEQ(Repelling(), solver=nk("torch"), backward=backward, tol=1e-12,
+                         stop="abs", max_iter=50)
+    z = layer(x)
+    torch.testing.assert_close(z, x.detach(), rtol=0, atol=1e-10)
+    (g,) = torch.autograd.grad(z.sum(), x)
+    torch.testing.assert_close(g, torch.ones_like(g), rtol=0, atol=1e-9)
+    with pytest.warns(implicit.ConvergenceWarning, match="adjoint"):
+        layer2 = implicit.DEQ(Repelling(), solver=nk("torch"), tol=1e-12,
+                              backward=implicit.make_backward("ift", solver="forward"),
+                              stop="abs", max_iter=50)
+        torch.autograd.grad(layer2(x).sum(), x)
+
+
+def test_gmres_is_linear_only_and_not_in_the_forward_matrix(registry):
+    assert "linear_only" in registry.get("solver", "gmres").spec.capabilities
+
+
+def test_forward_ad_falls_back_to_finite_differences():
+    class NoForwardAD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return torch.tanh(z)
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError
+
+    sol = implicit.solve(lambda z: NoForwardAD.apply(0.5 * z + 1), torch.zeros(2, 3, dtype=D64),
+                         solver=nk("torch"), tol=1e-10, stop="abs", max_iter=50)
+    assert sol.all_converged and sol.stats["jvp"] == "finite_difference"
