@@ -79,14 +79,16 @@ def test_random_linear_problem_in_two_newton_steps():
     def f(z):  # z + F(z) with F(x) = A x − b
         return z + z @ A.T - b
 
-    for backend, opts in [("scipy", {"inner_m": 10, "line_search": False}),
-                          ("torch", {"line_search": False})]:
+    # scipy's test passes inner_m=10, which current scipy ignores with a warning for lgmres
+    # (the Krylov size of lgmres is spelt inner_inner_m there): its effective setting is lgmres's
+    # default 30, our default too. A real inner_m of 10 takes 11 outer steps on this problem.
+    for backend, opts in [("scipy", {"line_search": False}), ("torch", {"line_search": False})]:
         solver = nk(backend, **opts)
         sol = implicit.solve(f, torch.zeros(1, 20, dtype=D64), solver=solver, tol=1e-6,
                              stop="abs", max_iter=400, policy="ignore")
         assert sol.all_converged
         torch.testing.assert_close(sol.z[0] @ A.T, b, rtol=0, atol=1e-6)
-        assert sol.stats["newton_steps"] <= 2 if backend == "torch" else True
+        assert sol.stats["newton_steps"] <= 2, (backend, sol.stats)
 
 
 def test_scipy_no_convergence_becomes_a_status():

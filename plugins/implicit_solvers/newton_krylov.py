@@ -170,13 +170,18 @@ class NewtonKrylov(implicit.Solver):
         # the finite-difference step must suit the cell's precision, not numpy's float64
         rdiff = math.sqrt(torch.finfo(z.dtype).eps)
 
+        outer = [0] * bsz
+
         def solve_one(i: int) -> None:
+            def count(x, f) -> None:
+                outer[i] += 1
+
             try:
                 newton_krylov(
                     lambda x: batch.residual(i, x), batch.start(i), method=self.method,
                     inner_maxiter=self.inner_maxiter, f_tol=float(f_tol[i]),
                     maxiter=10_000, line_search="armijo" if self.line_search else None,
-                    verbose=False, rdiff=rdiff, **inner,
+                    verbose=False, rdiff=rdiff, callback=count, **inner,
                 )
             except NoConvergence:
                 pass
@@ -194,6 +199,7 @@ class NewtonKrylov(implicit.Solver):
         for t in threads:
             t.join()
         state.scipy_failures += batch.failures
+        state.newton_steps += max(outer, default=0)  # the slowest sample's outer iterations
         fn.sample_calls = batch.calls
         return batch.best_z, batch.best_fz, state
 
