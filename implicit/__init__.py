@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .backward import BackwardStrategy, Problem
 from .cell import Cell
-from .deq import DEQ, solve
+from .deq import DEQ, EquilibriumWarning, solve
 from .hookspecs import hookimpl
 from .registry import (
     OptionError,
@@ -36,6 +36,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "DEQ",
+    "EquilibriumWarning",
     "BackwardSpec",
     "BackwardStrategy",
     "Cell",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
+import warnings
+
 import attrs
 import torch
 from torch import nn
@@ -53,6 +55,32 @@ def resolve_backward(backward: str | BackwardStrategy,
         f"backward must be a registered backward name or an implicit.BackwardStrategy, got "
         f"{type(backward).__name__}"
     )
+
+
+class EquilibriumWarning(UserWarning):
+    """A cell contains modules that change on every call in training (they move the fixed
+    point)."""
+
+
+def _warn_stateful_modules(cell: nn.Module) -> None:
+    offenders = []
+    for name, module in cell.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            offenders.append(f"{name or type(cell).__name__} ({type(module).__name__}: running "
+                             "statistics update on every call, and batch statistics couple "
+                             "the samples)")
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            offenders.append(f"{name or type(cell).__name__} ({type(module).__name__}: a new "
+                             "mask on every call)")
+    if offenders:
+        warnings.warn(
+            "this DEQ cell contains modules whose state changes on every call in training, "
+            "which moves the fixed point between iterations: " + "; ".join(offenders)
+            + ". Use GroupNorm/LayerNorm and variational dropout (one mask per solve, drawn in "
+            "the cell's injection) instead.",
+            EquilibriumWarning,
+            stacklevel=3,
+        )
 
 
 def check_compatible(solver: Solver, backward: BackwardStrategy) -> None:
@@ -196,6 +224,7 @@ class DEQ(nn.Module):
     ) -> None:
         super().__init__()
         check_cell(cell)
+        _warn_stateful_modules(cell)
         self.cell = cell
         self.solver = resolve_solver(
             solver, solver_options, tol=tol, max_iter=max_iter, stop=stop, policy=policy

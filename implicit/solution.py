@@ -34,7 +34,7 @@ class Status(enum.Enum):
 
     CONVERGED = (0, "converged: every sample met the tolerance")
     MAX_ITER = (1, "max_iter reached before every sample met the tolerance")
-    DIVERGED = (2, "diverged: the residual grew far beyond the best one seen")
+    DIVERGED = (2, "diverged: the residual grew far beyond the initial one")
     NONFINITE = (3, "non-finite: NaN or Inf appeared in the iterate or in f(z)")
 
     def __init__(self, code: int, message: str) -> None:

@@ -8,7 +8,7 @@ Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apa
 
 * a sample stops when its residual (``stop="abs"`` or ``"rel"``, see :mod:`implicit.solution`)
   is ``≤ tol``, or it becomes non-finite, or it diverges (abs residual above
-  ``divergence_factor`` × the smallest seen); from then on its iterate no longer changes;
+  ``divergence_factor`` × its initial one); from then on its iterate no longer changes;
 * ``nfe[i]`` counts calls of ``f`` made while sample i was active; ``n_calls`` counts calls of
   ``f`` on the batch and is what ``max_iter`` bounds (the first evaluation ``f(z0)`` included);
 * the returned iterate of each sample is the best one seen by its stopping residual.
@@ -168,7 +168,9 @@ def iterate(
     active = ~(converged | nonfinite)
     nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
     best = _Best(z=z, abs_res=abs_res, rel_res=rel_res, metric=metric)
-    min_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
+    # divergence is judged against the initial residual: a solver that wanders off from a
+    # nearly converged iterate may come back, one whose residual explodes past the start won't
+    start_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
     trace = [metric.detach()] if solver.trace else None
     state = solver.init(z, fz)
 
@@ -199,11 +201,10 @@ def iterate(
         newly_converged = ok & (metric_new <= tol)
         newly_nonfinite = active & ~finite_new
         newly_diverged = (
-            ok & ~newly_converged & (abs_new > solver.divergence_factor * min_abs)
+            ok & ~newly_converged & (abs_new > solver.divergence_factor * start_abs)
             if solver.divergence_factor > 0
             else torch.zeros_like(ok)
         )
-        min_abs = torch.where(ok, torch.minimum(min_abs, abs_new), min_abs)
         if trace is not None:
             trace.append(torch.where(active, metric_new, trace[-1]).detach())
 

@@ -8,7 +8,9 @@ secant condition ``B Δg = Δz`` and changes ``B`` least in the direction ``Δz�
     B ← B + (Δz − B Δg) Δzᵀ B / (Δzᵀ B Δg)
 
 ``B = −I + U Vᵀ`` is kept as ``memory`` rank-one terms per sample; when they are used up the
-oldest is overwritten (as the deq repo does). A sample whose denominator is ~0 skips the update
+approximation restarts from ``B₀ = −I`` (counted in ``stats["restarts"]``). Overwriting the
+oldest term instead, as the deq repo does, leaves a ``B`` that satisfies no secant condition in
+particular, and on stiff cells (the MDEQ fixture of our tests) it blew up near convergence. A sample whose denominator is ~0 skips the update
 (counted in ``Solution.stats["skipped_updates"]``). The optional backtracking line search halves
 the step per sample while ``‖g‖`` does not decrease, using at most ``ls_steps`` extra calls of f
 and never more than the remaining budget. The loop returns each sample's best iterate.
@@ -79,7 +81,7 @@ class BroydenState:
     U: torch.Tensor  # (B, L, n) rows u_i
     VT: torch.Tensor  # (B, L, n) rows v_i
     used: int
-    updates: int
+    restarts: int
     prev_z: Optional[torch.Tensor]
     prev_g: Optional[torch.Tensor]
     prev_direction: Optional[torch.Tensor]  # −B g at the previous iterate
@@ -103,7 +105,7 @@ class Broyden(implicit.Solver):
             U=z.new_zeros(b, self.memory, n),
             VT=z.new_zeros(b, self.memory, n),
             used=0,
-            updates=0,
+            restarts=0,
             prev_z=None,
             prev_g=None,
             prev_direction=None,
@@ -113,22 +115,21 @@ class Broyden(implicit.Solver):
 
     def step(self, fn, z, fz, state: BroydenState):
         g = fz - z
+        if state.used == self.memory:  # memory full: restart from B = −I
+            state.used = 0
+            state.restarts += 1
+            state.prev_z = None
         b_g = matvec(state.U[:, : state.used], state.VT[:, : state.used], g)  # B g, current B
         if state.prev_z is not None:
             # B Δg = B g − B g_prev = B g + d_prev: no second pass over the history
-            slot = state.updates % self.memory
-            u_slot_old = state.U[:, slot].clone() if state.used == self.memory else None
-            v_slot_old = state.VT[:, slot].clone() if state.used == self.memory else None
+            slot = state.used
             dz, dg = z - state.prev_z, g - state.prev_g
             skip = broyden_update(state.U, state.VT, state.used, slot, dz,
                                   b_g + state.prev_direction, dg)
             state.skipped += skip
-            state.updates += 1
-            # B_new g = B g + u (vᵀ g), minus the overwritten term when the memory is full
+            state.used += 1
+            # B_new g = B g + u (vᵀ g)
             b_g = b_g + state.U[:, slot] * (state.VT[:, slot] * g).sum(1, keepdim=True)
-            if u_slot_old is not None:
-                b_g = b_g - u_slot_old * (v_slot_old * g).sum(1, keepdim=True)
-            state.used = min(state.used + 1, self.memory)
         direction = -b_g
         state.prev_z, state.prev_g, state.prev_direction = z, g, direction
         z_next = z + direction
@@ -154,7 +155,8 @@ class Broyden(implicit.Solver):
         return z_next, fz_next
 
     def stats(self, state: BroydenState) -> dict:
-        return {"skipped_updates": int(state.skipped.sum()), "line_search_calls": state.ls_calls}
+        return {"skipped_updates": int(state.skipped.sum()), "line_search_calls": state.ls_calls,
+                "restarts": state.restarts}
 
 
 @implicit.hookimpl

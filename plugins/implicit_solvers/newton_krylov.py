@@ -1,6 +1,10 @@
 """Newton–Krylov for ``g(z) = f(z) − z = 0``: scipy on CPU, Jacobian-free Newton–GMRES in torch.
 
-``backend="auto"`` picks ``scipy`` for CPU tensors and ``torch`` otherwise.
+``backend="auto"`` picks ``scipy`` for float64 CPU tensors and ``torch`` otherwise: on GPU
+scipy does not apply, and on float32 cells scipy's finite-difference JVPs (step √eps of float32,
+error of the same order) stall Newton above typical tolerances — measured on the MDEQ fixture:
+rel residual 1.5e-3 after 300 calls at tol 1e-4 — while the torch backend's forward-mode JVPs
+are exact.
 
 * **scipy** — a real :func:`scipy.optimize.newton_krylov` call *per sample* (a block-diagonal
   batch would couple the samples through its line search, its Krylov space and its max-norm
@@ -38,6 +42,10 @@ import implicit
 from .krylov import batched_gmres
 
 SCIPY_METHODS = ("lgmres", "gmres", "bicgstab", "cgs", "minres", "tfqmr")
+# Cap of the Eisenstat–Walker forcing term. Their 0.9 lets slow progress loosen the inner
+# solves further, which slows progress more; on the MDEQ test cell it stalled at rel residual
+# 0.3 for 300 calls, while 0.1 converges in under 20 Newton steps.
+ETA_MAX = 0.1
 
 
 def _positive_int(instance, attribute, value):
@@ -80,7 +88,7 @@ class NewtonKrylov(implicit.Solver):
     def resolved_backend(self, z: torch.Tensor) -> str:
         if self.backend != "auto":
             return self.backend
-        return "scipy" if z.device.type == "cpu" else "torch"
+        return "scipy" if z.device.type == "cpu" and z.dtype == torch.float64 else "torch"
 
     def init(self, z, fz):
         return _TorchState(jvp_mode=self.jvp)
@@ -131,7 +139,7 @@ class NewtonKrylov(implicit.Solver):
         eta = 0.9 * ratio.square()
         floor = 0.9 * state.eta.square()
         eta = torch.where(floor > 0.1, torch.maximum(eta, floor), eta)
-        return eta.clamp(min=1e-10, max=0.9)
+        return eta.clamp(min=1e-10, max=ETA_MAX)
 
     def _jvp(self, fn, z, fz, vec, state: _TorchState) -> torch.Tensor:
         state.njvp += 1
