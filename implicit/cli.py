@@ -51,7 +51,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"implicit bench needs the 'bench' extra: pip install 'implicit-layers[bench]' "
               f"({exc})", file=sys.stderr)
         return 2
-    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
     config = BenchConfig(
         solvers=args.solvers, cells=args.cells, backwards=args.backwards, device=args.device,
         dtype=args.dtype, batch=args.batch, tol=args.tol, stop=args.stop,
@@ -111,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="forward tolerance (0: always run max-iter calls)")
     bench.add_argument("--stop", choices=["abs", "rel"], default="rel", help="residual to stop on")
     bench.add_argument("--max-iter", type=_positive_int, default=50, help="forward budget (calls)")
-    bench.add_argument("--repeat", type=_positive_int, help="timed repeats (default 5; 3 quick)")
+    bench.add_argument("--repeat", type=_positive_int, help="timed repeats (default 5; 2 quick)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--quick", action="store_true",
-                       help="pruned matrix (quick workloads, 3 repeats): < 2 min on 2 CPU cores")
+                       help="pruned matrix (quick workloads, every solver with the primary "
+                       "backward and every backward with the primary solver, 2 repeats): "
+                       "< 2 min on 2 CPU cores")
     bench.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     bench.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,

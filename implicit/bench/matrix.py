@@ -26,7 +26,8 @@ def build_matrix(
 
     Left out: ``linear_only`` solvers (they solve affine maps only), plugins that do not run on
     ``device``, and pairs where one plugin ``requires`` a capability the other lacks. With
-    ``quick``, only workloads marked quick. Unknown names are errors (with a did-you-mean).
+    ``quick``, only workloads marked quick, and only every solver with the primary backward plus
+    every backward with the primary solver. Unknown names are errors (with a did-you-mean).
     A selection may carry options: ``"phantom:k=1"`` (see :func:`parse_selection`).
     """
     device_type = device.split(":")[0]
@@ -49,6 +50,14 @@ def build_matrix(
     ]
     cell_entries = [e for e, _ in pick("cell", cells)]
     backward_entries = pick("backward", backwards)
+    # The primary pair: the first exact backward and the first unrollable solver (by name, from
+    # declared capabilities). The float64 gradient reference uses the primary solver; --quick
+    # prunes the product to "every solver with the primary backward" plus "every backward with
+    # the primary solver".
+    primary_backward = next((e.name for e in registry.entries("backward")
+                             if "exact" in e.spec.capabilities), None)
+    primary_solver = next((e.name for e in registry.entries("solver")
+                           if "unrollable" in e.spec.capabilities), None)
     combos = []
     for cell in cell_entries:
         for workload in cell.spec.workloads:
@@ -60,6 +69,9 @@ def build_matrix(
                 for backward, backward_options in backward_entries:
                     if not backward.spec.requires <= solver.spec.capabilities:
                         continue
+                    if quick and not (backward.name == primary_backward
+                                      or solver.name == primary_solver):
+                        continue
                     combos.append(
                         attrs.evolve(
                             template,
@@ -69,6 +81,7 @@ def build_matrix(
                             workload=workload.name,
                             backward=backward.name,
                             backward_options=dict(backward_options),
+                            reference_solver=template.reference_solver or primary_solver or "",
                         )
                     )
     return combos

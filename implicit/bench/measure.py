@@ -49,6 +49,7 @@ class Combination:
     repeat: int = 5
     seed: int = 0
     reference_tol: float = 1e-10
+    reference_solver: str = ""  # "" : the matrix's primary solver (see build_matrix)
     memory_only: bool = False  # measure the training step's peak memory and nothing else
 
     @property
@@ -277,18 +278,19 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         f_flat = spec.flatten(update_of(cell, fwd.z, injection_of(cell, x)))
         true_abs, true_rel = residuals(z_flat.double(), f_flat.double())
 
-    # gradient error against a tight-tolerance float64 reference: the same solver with an
-    # exact backward (a registered backward declaring the "exact" capability)
+    # gradient error against a tight-tolerance float64 reference: the matrix's reference solver
+    # (by default its primary one) with an exact backward (declaring the "exact" capability)
     exact = [e.name for e in registry.entries("backward") if "exact" in e.spec.capabilities]
-    reference: dict[str, Any] = {"solver": combo.solver, "tol": combo.reference_tol}
+    ref_name = combo.reference_solver or combo.solver
+    reference: dict[str, Any] = {"solver": ref_name, "tol": combo.reference_tol}
     grad_error = grad_cosine = None
     if not exact:
         reference["error"] = "no backward with the 'exact' capability is registered"
     else:
+        ref_options = combo.solver_options if ref_name == combo.solver else {}
         ref_solver = registry.make(
-            "solver", combo.solver, **{**combo.solver_options, "tol": combo.reference_tol,
-                                       "stop": "rel", "max_iter": 20 * combo.max_iter,
-                                       "policy": "ignore"},
+            "solver", ref_name, **{**ref_options, "tol": combo.reference_tol, "stop": "rel",
+                                   "max_iter": 20 * combo.max_iter, "policy": "ignore"},
         )
         ref_backward = exact[0]
         backward_options = registry.get("backward", ref_backward).spec.option_schema

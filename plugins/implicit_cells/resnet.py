@@ -106,10 +106,19 @@ def implicit_register_cells(register):
             strategy=examples,
             workloads=[
                 implicit.Workload(
+                    name="resnet_c48_s16",
+                    cell_options={"channels": 48, "inner_channels": 64},
+                    input_shape=(48, 16, 16),
+                    batch=4,
+                    description="tutorial ch.4 ResNet cell, 48/64 channels, 16x16, batch 4 "
+                    "(the quick variant)",
+                ),
+                implicit.Workload(
                     name="resnet_c48",
                     cell_options={"channels": 48, "inner_channels": 64},
                     input_shape=(48, 32, 32),
                     batch=4,
+                    quick=False,
                     description="tutorial ch.4 ResNet cell, 48/64 channels, 32x32, batch 4",
                 ),
                 implicit.Workload(

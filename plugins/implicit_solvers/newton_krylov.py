@@ -77,7 +77,7 @@ class NewtonKrylov(implicit.Solver):
     backend: str = attrs.field(default="auto", validator=v.in_(("auto", "scipy", "torch")))
     method: str = attrs.field(default="lgmres", validator=v.in_(SCIPY_METHODS))
     inner_m: int = attrs.field(default=30, validator=_positive_int)
-    inner_maxiter: int = attrs.field(default=60, validator=_positive_int)
+    inner_maxiter: int = attrs.field(default=30, validator=_positive_int)
     forcing: str = attrs.field(default="eisenstat_walker",
                                validator=v.in_(("eisenstat_walker", "constant")))
     eta: float = attrs.field(default=1e-2, validator=_fraction)
