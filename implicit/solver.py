@@ -25,18 +25,9 @@ from attrs import validators as v
 
 from .solution import POLICIES, STOP_MODES, Solution, Status, apply_policy
 from .state import StateSpec
+from .validators import nonnegative_number, positive_int
 
 FlatFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _nonnegative_number(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
-
-
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -59,14 +50,14 @@ class Solver(abc.ABC):
 
     name: ClassVar[str] = "solver"
 
-    tol: float = attrs.field(default=1e-4, validator=_nonnegative_number)
-    max_iter: int = attrs.field(default=50, validator=_positive_int)
+    tol: float = attrs.field(default=1e-4, validator=nonnegative_number)
+    max_iter: int = attrs.field(default=50, validator=positive_int)
     stop: str = attrs.field(default="rel", validator=v.in_(STOP_MODES))
     policy: str = attrs.field(default="warn", validator=v.in_(POLICIES))
-    divergence_factor: float = attrs.field(default=1e8, validator=_nonnegative_number)
+    divergence_factor: float = attrs.field(default=1e8, validator=nonnegative_number)
     trace: bool = attrs.field(default=False, validator=v.instance_of(bool))
     check_every: Optional[int] = attrs.field(
-        default=None, validator=v.optional(_positive_int)
+        default=None, validator=v.optional(positive_int)
     )
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:

@@ -31,6 +31,7 @@ from attrs import validators as v
 
 import implicit
 from implicit.registry import get_registry
+from implicit.validators import optional_nonnegative_number, optional_positive_int
 
 MapWith = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
@@ -43,20 +44,6 @@ def _solver_or_name(instance, attribute, value):
         )
 
 
-def _optional_number(instance, attribute, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{attribute.name} must be None or a number >= 0, got {value!r}")
-
-
-def _optional_positive_int(instance, attribute, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be None or an int >= 1, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class ImplicitBackward(implicit.BackwardStrategy):
     """Exact gradient by the implicit function theorem (adjoint w = J^T w + y), any order."""
@@ -66,8 +53,8 @@ class ImplicitBackward(implicit.BackwardStrategy):
     solver: Union[str, implicit.Solver, None] = attrs.field(
         default=None, validator=_solver_or_name
     )
-    tol: Optional[float] = attrs.field(default=None, validator=_optional_number)
-    max_iter: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
+    tol: Optional[float] = attrs.field(default=None, validator=optional_nonnegative_number)
+    max_iter: Optional[int] = attrs.field(default=None, validator=optional_positive_int)
     policy: Optional[str] = attrs.field(
         default=None, validator=v.optional(v.in_(("warn", "raise", "ignore")))
     )

@@ -24,16 +24,7 @@ import attrs
 import torch
 
 import implicit
-
-
-def _check_k(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"k must be an int >= 1, got {value!r}")
-
-
-def _check_lam(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"lam must be a number in (0, 1], got {value!r}")
+from implicit.validators import number_in, positive_int
 
 
 @attrs.frozen(kw_only=True)
@@ -42,8 +33,8 @@ class Phantom(implicit.BackwardStrategy):
 
     name: ClassVar[str] = "phantom"
 
-    k: int = attrs.field(default=5, validator=_check_k)
-    lam: float = attrs.field(default=0.8, validator=_check_lam)
+    k: int = attrs.field(default=5, validator=positive_int)
+    lam: float = attrs.field(default=0.8, validator=number_in(0, 1, low_open=True))
 
     def __call__(self, problem: implicit.Problem, solver: implicit.Solver) -> implicit.FlatResult:
         with torch.no_grad():

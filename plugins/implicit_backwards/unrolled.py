@@ -20,13 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 import implicit
-
-
-def _optional_depth(instance, attribute, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"depth must be None or an int >= 1, got {value!r}")
+from implicit.validators import optional_positive_int
 
 
 @attrs.frozen(kw_only=True)
@@ -36,7 +30,7 @@ class Unrolled(implicit.BackwardStrategy):
     name: ClassVar[str] = "unrolled"
 
     checkpoint: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    depth: Optional[int] = attrs.field(default=None, validator=_optional_depth)
+    depth: Optional[int] = attrs.field(default=None, validator=optional_positive_int)
 
     def __call__(self, problem: implicit.Problem, solver: implicit.Solver) -> implicit.FlatResult:
         if self.depth is not None:

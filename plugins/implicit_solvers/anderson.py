@@ -25,6 +25,7 @@ import attrs
 import torch
 
 import implicit
+from implicit.validators import number_in, positive_int
 
 
 def anderson_weights(
@@ -47,21 +48,6 @@ def anderson_weights(
     return torch.where(failed[:, None], plain, alpha), failed
 
 
-def _check_m(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"m must be an int >= 1, got {value!r}")
-
-
-def _check_beta(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 2:
-        raise ValueError(f"beta must be a number in (0, 2], got {value!r}")
-
-
-def _check_lam(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"lam must be a number in [0, 1) (relative ridge), got {value!r}")
-
-
 @attrs.define
 class AndersonState:
     Y: torch.Tensor  # (B, m, n) mixing targets x_i + β g_i
@@ -77,9 +63,9 @@ class Anderson(implicit.Solver):
 
     name: ClassVar[str] = "anderson"
 
-    m: int = attrs.field(default=5, validator=_check_m)
-    beta: float = attrs.field(default=1.0, validator=_check_beta)
-    lam: float = attrs.field(default=1e-4, validator=_check_lam)
+    m: int = attrs.field(default=5, validator=positive_int)
+    beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
+    lam: float = attrs.field(default=1e-4, validator=number_in(0, 1, high_open=True))
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> AndersonState:
         b, n = z.shape

@@ -24,6 +24,7 @@ import attrs
 import torch
 
 import implicit
+from implicit.validators import positive_int
 
 
 def broyden_update(
@@ -71,11 +72,6 @@ def rmatvec(U: torch.Tensor, VT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(-x.unsqueeze(1), coeff, VT).squeeze(1)
 
 
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
 @attrs.define
 class BroydenState:
     U: torch.Tensor  # (B, L, n) rows u_i
@@ -95,9 +91,9 @@ class Broyden(implicit.Solver):
 
     name: ClassVar[str] = "broyden"
 
-    memory: int = attrs.field(default=30, validator=_positive_int)
+    memory: int = attrs.field(default=30, validator=positive_int)
     line_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    ls_steps: int = attrs.field(default=3, validator=_positive_int)
+    ls_steps: int = attrs.field(default=3, validator=positive_int)
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> BroydenState:
         b, n = z.shape

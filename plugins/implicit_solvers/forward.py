@@ -13,11 +13,7 @@ import attrs
 import torch
 
 import implicit
-
-
-def _check_beta(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 2:
-        raise ValueError(f"beta must be a number in (0, 2], got {value!r}")
+from implicit.validators import number_in
 
 
 @attrs.frozen(kw_only=True)
@@ -26,7 +22,7 @@ class ForwardIteration(implicit.Solver):
 
     name: ClassVar[str] = "forward"
 
-    beta: float = attrs.field(default=1.0, validator=_check_beta)
+    beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
 
     def step(self, fn, z: torch.Tensor, fz: torch.Tensor, state: Any):
         z_next = fz if self.beta == 1 else torch.lerp(z, fz, float(self.beta))

@@ -20,6 +20,7 @@ import attrs
 import torch
 
 import implicit
+from implicit.validators import positive_int
 
 
 @attrs.frozen(eq=False)
@@ -113,18 +114,13 @@ def batched_gmres(
     return GMRESResult(x=x, residual=beta, matvecs=matvecs, converged=converged)
 
 
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class GMRES(implicit.Solver):
     """Restarted GMRES per sample for affine fixed points w = h(w) (e.g. the IFT adjoint)."""
 
     name: ClassVar[str] = "gmres"
 
-    restart: int = attrs.field(default=20, validator=_positive_int)
+    restart: int = attrs.field(default=20, validator=positive_int)
 
     def step(self, fn, z, fz, state):
         # h affine: h(z + v) − h(z) = A v; the fixed point solves (I − A) δ = h(z) − z

@@ -38,6 +38,7 @@ import torch
 from attrs import validators as v
 
 import implicit
+from implicit.validators import number_in, positive_int
 
 from .krylov import batched_gmres
 
@@ -46,16 +47,6 @@ SCIPY_METHODS = ("lgmres", "gmres", "bicgstab", "cgs", "minres", "tfqmr")
 # solves further, which slows progress more; on the MDEQ test cell it stalled at rel residual
 # 0.3 for 300 calls, while 0.1 converges in under 20 Newton steps.
 ETA_MAX = 0.1
-
-
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
-def _fraction(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{attribute.name} must be a number in (0, 1), got {value!r}")
 
 
 @attrs.define
@@ -76,11 +67,11 @@ class NewtonKrylov(implicit.Solver):
 
     backend: str = attrs.field(default="auto", validator=v.in_(("auto", "scipy", "torch")))
     method: str = attrs.field(default="lgmres", validator=v.in_(SCIPY_METHODS))
-    inner_m: int = attrs.field(default=30, validator=_positive_int)
-    inner_maxiter: int = attrs.field(default=30, validator=_positive_int)
+    inner_m: int = attrs.field(default=30, validator=positive_int)
+    inner_maxiter: int = attrs.field(default=30, validator=positive_int)
     forcing: str = attrs.field(default="eisenstat_walker",
                                validator=v.in_(("eisenstat_walker", "constant")))
-    eta: float = attrs.field(default=1e-2, validator=_fraction)
+    eta: float = attrs.field(default=1e-2, validator=number_in(0, 1, low_open=True, high_open=True))
     jvp: str = attrs.field(default="auto",
                            validator=v.in_(("auto", "forward_ad", "finite_difference")))
     line_search: bool = attrs.field(default=True, validator=v.instance_of(bool))

@@ -1,0 +1,55 @@
+"""attrs validators for plugin options, with messages that name the option and the rule.
+
+Shared by the core and the plugins so every option error reads the same way::
+
+    beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+Validator = Callable[[Any, Any, Any], None]
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def positive_int(instance: Any, attribute: Any, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def optional_positive_int(instance: Any, attribute: Any, value: Any) -> None:
+    if value is not None:
+        try:
+            positive_int(instance, attribute, value)
+        except ValueError:
+            raise ValueError(
+                f"{attribute.name} must be None or an int >= 1, got {value!r}"
+            ) from None
+
+
+def nonnegative_number(instance: Any, attribute: Any, value: Any) -> None:
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+
+
+def optional_nonnegative_number(instance: Any, attribute: Any, value: Any) -> None:
+    if value is not None and (not _is_number(value) or not value >= 0):
+        raise ValueError(f"{attribute.name} must be None or a number >= 0, got {value!r}")
+
+
+def number_in(low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False) -> Validator:
+    """A number in the interval from ``low`` to ``high`` (closed unless said open)."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        ok = _is_number(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+        if not ok:
+            raise ValueError(f"{attribute.name} must be a number in {text}, got {value!r}")
+
+    return check
