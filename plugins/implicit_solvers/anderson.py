@@ -69,10 +69,11 @@ class Anderson(implicit.Solver):
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> AndersonState:
         b, n = z.shape
+        # only the first min(count, m) slots are ever read: no need to zero-fill the history
         return AndersonState(
-            Y=z.new_zeros(b, self.m, n),
-            G=z.new_zeros(b, self.m, n),
-            gram=z.new_zeros(b, self.m, self.m),
+            Y=z.new_empty(b, self.m, n),
+            G=z.new_empty(b, self.m, n),
+            gram=z.new_empty(b, self.m, self.m),
             count=0,
             fallbacks=torch.zeros(b, dtype=torch.int64, device=z.device),
         )

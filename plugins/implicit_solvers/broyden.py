@@ -98,8 +98,8 @@ class Broyden(implicit.Solver):
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> BroydenState:
         b, n = z.shape
         return BroydenState(
-            U=z.new_zeros(b, self.memory, n),
-            VT=z.new_zeros(b, self.memory, n),
+            U=z.new_empty(b, self.memory, n),  # rows beyond `used` are never read
+            VT=z.new_empty(b, self.memory, n),
             used=0,
             restarts=0,
             prev_z=None,
