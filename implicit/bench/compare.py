@@ -15,7 +15,6 @@ import statistics
 import time
 from typing import Any, Callable, Optional
 
-import attrs
 import torch
 
 from ..cell import init_state_of, injection_of, update_of
