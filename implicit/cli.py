@@ -66,6 +66,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r.get("error") for r in result["records"]) else 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    return verify(only=args.plugins, max_examples=args.max_examples)
+
+
+def verify(only=(), *, registry=None, max_examples=None, extra_args=()) -> int:
+    """Run the contract suite (pytest + Hypothesis); 0 when every contract holds."""
+    import importlib
+    import os
+
+    if max_examples is not None:
+        os.environ["IMPLICIT_VERIFY_MAX_EXAMPLES"] = str(max_examples)
+    try:
+        import pytest
+
+        from .testing import suite
+        from .testing.plugin import ContractsPlugin
+    except ImportError as exc:
+        print(f"implicit verify needs pytest and hypothesis (pip install "
+              f"'implicit-layers[test]'): {exc}", file=sys.stderr)
+        return 2
+    if suite.MAX_EXAMPLES != int(os.environ.get("IMPLICIT_VERIFY_MAX_EXAMPLES", "10")):
+        suite = importlib.reload(suite)  # the example count is fixed when the suite is built
+    from .testing.checks import matrix
+
+    plugin = ContractsPlugin(registry=registry, only=only)
+    cases = matrix(plugin.registry, only)
+    if not cases["solver"] and not cases["gradient"]:
+        print("implicit verify: no contract case matches the selection "
+              f"{list(only) or 'all'} (see `implicit plugins`)", file=sys.stderr)
+        return 2
+    print(f"implicit verify: {len(cases['solver'])} solver and {len(cases['gradient'])} "
+          "gradient contract cases")
+    argv = [suite.__file__, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+            "-W", "ignore::implicit.ConvergenceWarning", *extra_args]
+    return int(pytest.main(argv, plugins=[plugin]))
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -124,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["torchdeq"],
                        help="also run the workloads through torchdeq (if importable)")
     bench.set_defaults(func=cmd_bench)
+
+    verify_parser = sub.add_parser(
+        "verify",
+        help="run the contract suite on the installed plugins (or the named ones)",
+        description="Property-based contract checks (Hypothesis) of every registered solver x "
+        "cell and backward x cell allowed by declared capabilities; exits non-zero on a "
+        "violation and prints the falsifying example.",
+    )
+    verify_parser.add_argument("plugins", nargs="*",
+                               help="plugin names, entry-point names or distributions")
+    verify_parser.add_argument("--max-examples", type=_positive_int,
+                               help="Hypothesis examples per solver case (default 10)")
+    verify_parser.set_defaults(func=cmd_verify)
     return parser
 
 
