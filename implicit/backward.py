@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from .solution import Solution
-from .solver import FlatFn, FlatResult, Solver
+from .solver import FlatFn, FlatResult, Solver, iterate
 from .state import StateSpec
 
 
@@ -61,6 +61,14 @@ class BackwardStrategy(abc.ABC):
     """Base class of backward strategies (``@attrs.frozen(kw_only=True)`` subclasses)."""
 
     name: ClassVar[str] = "backward"
+
+    @staticmethod
+    def solve_without_graph(problem: Problem, solver: Solver) -> FlatResult:
+        """The forward solve under ``no_grad`` (the record and a detached ``z*``): the first
+        step of every strategy that attaches its gradient afterwards (ift, phantom)."""
+        with torch.no_grad():
+            result = iterate(solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what)
+        return attrs.evolve(result, z=result.z.detach())
 
     @abc.abstractmethod
     def __call__(self, problem: Problem, solver: Solver) -> FlatResult:

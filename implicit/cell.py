@@ -62,6 +62,17 @@ class Cell(nn.Module):
         return self.update(z, self.injection(x))
 
 
+def check_input(x: Any, *, cell: str, layout: str, ndim: int | None = None,
+                dim: int = -1, size: int | None = None) -> None:
+    """Raise a ``ValueError`` naming the expected ``layout`` unless ``x`` is a tensor with
+    ``ndim`` dimensions (at least one when ``None``) and ``size`` entries along ``dim``."""
+    ok = isinstance(x, torch.Tensor) and (x.dim() == ndim if ndim is not None else x.dim() >= 1)
+    ok = ok and (size is None or x.shape[dim] == size)
+    if not ok:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{cell} cell expects inputs of shape {layout}, got {shape}")
+
+
 def check_cell(cell: object) -> None:
     """Raise a clear error unless ``cell`` can serve as a DEQ cell."""
     if not isinstance(cell, nn.Module):

@@ -77,13 +77,10 @@ class ImplicitBackward(implicit.BackwardStrategy):
         return attrs.evolve(base, **overrides)
 
     def __call__(self, problem: implicit.Problem, solver: implicit.Solver) -> implicit.FlatResult:
-        with torch.no_grad():
-            result = implicit.iterate(
-                solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what
-            )
-        z_star = result.z.detach()
+        result = self.solve_without_graph(problem, solver)
         if not problem.needs_graph:
-            return attrs.evolve(result, z=z_star)
+            return result
+        z_star = result.z
         context = _Context(
             map_with=problem.fn_with,
             solver=self.adjoint_solver(solver),

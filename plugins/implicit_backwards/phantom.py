@@ -37,13 +37,10 @@ class Phantom(implicit.BackwardStrategy):
     lam: float = attrs.field(default=0.8, validator=number_in(0, 1, low_open=True))
 
     def __call__(self, problem: implicit.Problem, solver: implicit.Solver) -> implicit.FlatResult:
-        with torch.no_grad():
-            result = implicit.iterate(
-                solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what
-            )
-        z = result.z.detach()
+        result = self.solve_without_graph(problem, solver)
         if not problem.needs_graph:
-            return attrs.evolve(result, z=z)
+            return result
+        z = result.z
         lam = float(self.lam)
         for _ in range(self.k):
             fz = problem.fn(z)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import implicit
+from implicit.cell import check_input
 
 
 class MonotoneCell(implicit.Cell):
@@ -76,12 +77,8 @@ class MonotoneCell(implicit.Cell):
         return math.sqrt(max(0.0, 1 - 2 * alpha * self.m + alpha**2 * lip**2))
 
     def injection(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"monotone cell expects inputs of shape (..., in_features={self.in_features}), "
-                f"got {shape}"
-            )
+        check_input(x, cell="monotone", layout=f"(..., in_features={self.in_features})",
+                    size=self.in_features)
         W = self.weight()
         return self.U(x), W, self.step_size(W)
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import implicit
+from implicit.cell import check_input
 
 
 def _gn(channels: int, groups: int) -> nn.GroupNorm:
@@ -73,12 +74,8 @@ class MultiscaleCell(implicit.Cell):
         return nn.Sequential(*layers)
 
     def injection(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"multiscale cell expects images (B, in_channels={self.in_channels}, H, W), "
-                f"got {shape}"
-            )
+        check_input(x, cell="multiscale", layout=f"(B, in_channels={self.in_channels}, H, W)",
+                    ndim=4, dim=1, size=self.in_channels)
         coarsest = 2 ** (len(self.channels) - 1)
         if min(x.shape[-2:]) < 2 * coarsest:
             raise ValueError(

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import implicit
+from implicit.cell import check_input
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -58,12 +59,8 @@ class ResNetCell(implicit.Cell):
         nn.init.normal_(self.conv2.weight, 0.0, init_std)
 
     def injection(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"resnet cell expects images of shape (B, channels={self.channels}, H, W), "
-                f"got {shape}"
-            )
+        check_input(x, cell="resnet", layout=f"(B, channels={self.channels}, H, W)", ndim=4,
+                    dim=1, size=self.channels)
         return x
 
     def update(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import implicit
+from implicit.cell import check_input
 
 
 class TanhCell(implicit.Cell):
@@ -42,12 +43,8 @@ class TanhCell(implicit.Cell):
         nn.init.normal_(self.W.weight, std=init_scale / math.sqrt(features))
 
     def injection(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"tanh cell expects inputs of shape (..., in_features={self.in_features}), "
-                f"got {shape}"
-            )
+        check_input(x, cell="tanh", layout=f"(..., in_features={self.in_features})",
+                    size=self.in_features)
         return self.U(x)
 
     def update(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

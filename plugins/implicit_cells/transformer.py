@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import implicit
+from implicit.cell import check_input
 
 
 class TransformerCell(implicit.Cell):
@@ -60,12 +61,8 @@ class TransformerCell(implicit.Cell):
         return torch.bernoulli(like.new_full(shape, keep)) / keep
 
     def injection(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"transformer cell expects (B, L, in_features={self.in_features}) inputs, "
-                f"got {shape}"
-            )
+        check_input(x, cell="transformer", layout=f"(B, L, in_features={self.in_features})",
+                    ndim=3, size=self.in_features)
         u = self.inject(x)
         batch, length = x.shape[:2]
         causal = (torch.triu(torch.ones(length, length, dtype=torch.bool, device=x.device), 1)
