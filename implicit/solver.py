@@ -43,12 +43,17 @@ class Solver(abc.ABC):
     (they may be the caller's); return the next iterate and ``fn`` of it. Rows of samples that
     are no longer active are discarded by the loop.
 
+    ``uses_residual``: a solver whose step needs ``g = f(z) − z`` sets this class attribute; the
+    loop, which computes ``g`` for its stopping test anyway, then passes it as ``step(..., g=g)``
+    (one pass over the state saved per step: these solvers are memory-bound on large states).
+
     ``check_every``: test "all samples done?" (a host synchronisation) every this many steps;
     default 1 on CPU and 4 on other devices (a few wasted, discarded steps at the end cost less
     than a sync per step).
     """
 
     name: ClassVar[str] = "solver"
+    uses_residual: ClassVar[bool] = False
 
     tol: float = attrs.field(default=1e-4, validator=nonnegative_number)
     max_iter: int = attrs.field(default=50, validator=positive_int)
@@ -111,7 +116,12 @@ def residuals(z: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
     ``0 / 0`` counts as 0 (z = f(z) = 0 is a fixed point); ``x / 0`` is huge, never converged.
     """
-    abs_res = torch.linalg.vector_norm(fz - z, dim=1)
+    return residual_norms(fz - z, fz)
+
+
+def residual_norms(g: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`residuals` from a precomputed ``g = f(z) − z``."""
+    abs_res = torch.linalg.vector_norm(g, dim=1)
     scale = torch.linalg.vector_norm(fz, dim=1)
     return abs_res, abs_res / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
@@ -149,7 +159,8 @@ def iterate(
     tol = float(solver.tol)
     z = z0
     fz = counted(z)
-    abs_res, rel_res = residuals(z, fz)
+    g = fz - z
+    abs_res, rel_res = residual_norms(g, fz)
     metric = abs_res if solver.stop == "abs" else rel_res
     # a NaN/Inf anywhere in z or f(z) makes ‖f(z) − z‖ non-finite
     finite = torch.isfinite(abs_res)
@@ -171,7 +182,10 @@ def iterate(
             break
         step_index += 1
         calls_before = counted.calls
-        z_new, fz_new, state = solver.step(counted, z, fz, state)
+        if solver.uses_residual:
+            z_new, fz_new, state = solver.step(counted, z, fz, state, g=g)
+        else:
+            z_new, fz_new, state = solver.step(counted, z, fz, state)
         step_calls = counted.calls - calls_before
         if counted.sample_calls is not None:
             nfe.add_(active.long() * counted.sample_calls)
@@ -179,7 +193,8 @@ def iterate(
         else:
             nfe.add_(active if step_calls == 1 else active.long() * step_calls)
 
-        abs_new, rel_new = residuals(z_new, fz_new)
+        g_new = fz_new - z_new
+        abs_new, rel_new = residual_norms(g_new, fz_new)
         metric_new = abs_new if solver.stop == "abs" else rel_new
         finite_new = torch.isfinite(abs_new)
         ok = active & finite_new
@@ -200,11 +215,12 @@ def iterate(
             trace.append(torch.where(active, metric_new, trace[-1]).detach())
 
         if host_checks and bool(active.all()):
-            z, fz = z_new, fz_new
+            z, fz, g = z_new, fz_new, g_new
         else:
             keep = active.unsqueeze(1)
             z = torch.where(keep, z_new, z)
             fz = torch.where(keep, fz_new, fz)
+            g = torch.where(keep, g_new, g) if solver.uses_residual else None
         converged = converged | newly_converged
         nonfinite = nonfinite | newly_nonfinite
         diverged = diverged | newly_diverged

@@ -62,6 +62,7 @@ class Anderson(implicit.Solver):
     """Anderson acceleration with history m, mixing beta and a relative ridge lam."""
 
     name: ClassVar[str] = "anderson"
+    uses_residual: ClassVar[bool] = True
 
     m: int = attrs.field(default=5, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
@@ -78,9 +79,10 @@ class Anderson(implicit.Solver):
             fallbacks=torch.zeros(b, dtype=torch.int64, device=z.device),
         )
 
-    def step(self, fn, z, fz, state: AndersonState):
+    def step(self, fn, z, fz, state: AndersonState, g=None):
         slot = state.count % self.m
-        g = fz - z
+        if g is None:
+            g = fz - z
         # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i)
         torch.add(z, g, alpha=float(self.beta), out=state.Y[:, slot])
         state.G[:, slot] = g

@@ -41,16 +41,17 @@ def broyden_update(
     under the current B; return the ``(B,)`` mask of samples that moved but whose update was
     skipped (denominator ~0)."""
     vT = rmatvec(U[:, :used], VT[:, :used], dz)  # Δzᵀ B
-    denom = (vT * dg).sum(dim=1)
+    denom = torch.linalg.vecdot(vT, dg)
     tiny = torch.finfo(dz.dtype).eps * (
         torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(dg, dim=1)
     )
     skip = ~(denom.abs() > tiny) | ~torch.isfinite(denom)
     moved = torch.linalg.vector_norm(dz, dim=1) > 0  # finished samples are frozen: Δz = 0
-    keep = (~skip).to(dz.dtype)[:, None]
+    keep = (~skip).to(dz.dtype)
     safe = torch.where(skip, torch.ones_like(denom), denom)
-    U[:, slot] = (dz - b_dg) * (keep / safe[:, None])
-    VT[:, slot] = vT * keep
+    # written straight into the history rows: these solvers are memory-bound on large states
+    torch.mul(dz - b_dg, (keep / safe)[:, None], out=U[:, slot])
+    torch.mul(vT, keep[:, None], out=VT[:, slot])
     return skip & moved
 
 
@@ -80,7 +81,7 @@ class BroydenState:
     restarts: int
     prev_z: Optional[torch.Tensor]
     prev_g: Optional[torch.Tensor]
-    prev_direction: Optional[torch.Tensor]  # −B g at the previous iterate
+    prev_bg: Optional[torch.Tensor]  # B g at the previous iterate (the B it stepped with)
     skipped: torch.Tensor  # (B,) int64
     ls_calls: int
 
@@ -90,6 +91,7 @@ class Broyden(implicit.Solver):
     """Limited-memory good Broyden (inverse Jacobian, B0 = -I), optional line search."""
 
     name: ClassVar[str] = "broyden"
+    uses_residual: ClassVar[bool] = True
 
     memory: int = attrs.field(default=30, validator=positive_int)
     line_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
@@ -104,34 +106,35 @@ class Broyden(implicit.Solver):
             restarts=0,
             prev_z=None,
             prev_g=None,
-            prev_direction=None,
+            prev_bg=None,
             skipped=torch.zeros(b, dtype=torch.int64, device=z.device),
             ls_calls=0,
         )
 
-    def step(self, fn, z, fz, state: BroydenState):
-        g = fz - z
+    def step(self, fn, z, fz, state: BroydenState, g=None):
+        if g is None:
+            g = fz - z
         if state.used == self.memory:  # memory full: restart from B = −I
             state.used = 0
             state.restarts += 1
             state.prev_z = None
         b_g = matvec(state.U[:, : state.used], state.VT[:, : state.used], g)  # B g, current B
         if state.prev_z is not None:
-            # B Δg = B g − B g_prev = B g + d_prev: no second pass over the history
+            # B Δg = B g − B g_prev under the current B: no second pass over the history
             slot = state.used
             dz, dg = z - state.prev_z, g - state.prev_g
             skip = broyden_update(state.U, state.VT, state.used, slot, dz,
-                                  b_g + state.prev_direction, dg)
+                                  b_g - state.prev_bg, dg)
             state.skipped += skip
             state.used += 1
             # B_new g = B g + u (vᵀ g)
-            b_g = b_g + state.U[:, slot] * (state.VT[:, slot] * g).sum(1, keepdim=True)
-        direction = -b_g
-        state.prev_z, state.prev_g, state.prev_direction = z, g, direction
-        z_next = z + direction
+            coeff = torch.linalg.vecdot(state.VT[:, slot], g)
+            b_g = torch.addcmul(b_g, state.U[:, slot], coeff[:, None])
+        state.prev_z, state.prev_g, state.prev_bg = z, g, b_g
+        z_next = z - b_g  # the quasi-Newton step −B g
         fz_next = fn(z_next)
         if self.line_search:
-            z_next, fz_next = self._backtrack(fn, z, g, direction, z_next, fz_next, state)
+            z_next, fz_next = self._backtrack(fn, z, g, -b_g, z_next, fz_next, state)
         return z_next, fz_next, state
 
     def _backtrack(self, fn, z, g, direction, z_next, fz_next, state):
