@@ -8,6 +8,7 @@ as ``implicit``.)
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import stability
 from .backward import BackwardStrategy, Problem
 from .cell import Cell
 from .deq import DEQ, EquilibriumWarning, solve
@@ -64,6 +65,7 @@ __all__ = [
     "make_cell",
     "make_solver",
     "solve",
+    "stability",
     "use_registry",
     "Workload",
 ]

@@ -20,6 +20,8 @@ from .cell import Cell, check_cell, init_state_of, injection_of, update_of
 from .registry import get_registry
 from .solution import Solution
 from .solver import Solver, iterate
+from .stability import (PROBES, hold_parametrized, hook_based_spectral_norm,
+                        jacobian_frobenius, jacobian_spectral_norm, parametrized_tensors)
 from .state import State, StateSpec
 
 _LOOP_OPTIONS = ("tol", "max_iter", "stop", "policy")
@@ -72,6 +74,9 @@ def _warn_stateful_modules(cell: nn.Module) -> None:
         elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             offenders.append(f"{name or type(cell).__name__} ({type(module).__name__}: a new "
                              "mask on every call)")
+    offenders += [f"{name} (torch.nn.utils.spectral_norm: a power-iteration step on every call; "
+                  "use torch.nn.utils.parametrizations.spectral_norm, which DEQ holds fixed "
+                  "for a whole solve)" for name in hook_based_spectral_norm(cell)]
     if offenders:
         warnings.warn(
             "this DEQ cell contains modules whose state changes on every call in training, "
@@ -195,6 +200,20 @@ class DEQ(nn.Module):
             ``pretrain_steps`` training-mode forwards, then ``backward`` (the deq repo's
             pre-training: e.g. ``pretrain_backward=make_backward("unrolled", depth=12)``).
         solver_options, backward_options: options for plugins given by name.
+        jac_loss_weight, jac_loss_freq, jac_probes, jac_probe: Jacobian regularisation (Bai et
+            al. 2021, the deq repo's ``jac_loss_weight``/``jac_loss_freq``): in training, with
+            probability ``jac_loss_freq`` per forward, ``layer.jacobian_loss`` is
+            ``jac_loss_weight`` × the batch mean of the Hutchinson estimate of
+            ``‖J_f(z*)‖_F² / numel`` (:func:`implicit.stability.jacobian_frobenius`) — add it
+            to your loss; otherwise it is a zero tensor. The per-sample estimate is in
+            ``layer.solution.stats["jac_frobenius"]``.
+        spectral_iters: when > 0, every forward also reports ``‖J_f(z*)‖₂`` per sample in
+            ``layer.solution.stats["jac_spectral_norm"]`` (power iteration on ``JᵀJ``, this
+            many iterations at most; a contraction indicator).
+
+    Cells whose weights are parametrized (``torch.nn.utils.parametrizations``, e.g. by
+    :func:`implicit.stability.normalize_weights`) have every parametrized weight computed once
+    per forward and held for the whole solve and its backward.
 
     ``layer(x, z0=None)`` solves from ``z0`` (warm start) or ``cell.init_state(x)`` (zeros
     shaped like ``x`` by default); ``layer.solution`` holds the last forward record and
@@ -221,6 +240,11 @@ class DEQ(nn.Module):
         backward_options: Optional[Mapping[str, Any]] = None,
         pretrain_steps: int = 0,
         pretrain_backward: str | BackwardStrategy | None = None,
+        jac_loss_weight: float = 0.0,
+        jac_loss_freq: float = 1.0,
+        jac_probes: int = 1,
+        jac_probe: str = "gaussian",
+        spectral_iters: int = 0,
     ) -> None:
         super().__init__()
         check_cell(cell)
@@ -243,6 +267,24 @@ class DEQ(nn.Module):
         )
         if self.pretrain_backward is not None:
             check_compatible(self.solver, self.pretrain_backward)
+        for option, value, low, high in (("jac_loss_weight", jac_loss_weight, 0, float("inf")),
+                                         ("jac_loss_freq", jac_loss_freq, 0, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not low <= value <= high:
+                raise ValueError(f"{option} must be a number in [{low}, {high}], got {value!r}")
+        for option, value in (("jac_probes", jac_probes), ("spectral_iters", spectral_iters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
+                    (option == "jac_probes" and value == 0):
+                raise ValueError(f"{option} must be an int >= {int(option == 'jac_probes')}, "
+                                 f"got {value!r}")
+        if jac_probe not in PROBES:
+            raise ValueError(f"jac_probe must be one of {PROBES}, got {jac_probe!r}")
+        self.jac_loss_weight = float(jac_loss_weight)
+        self.jac_loss_freq = float(jac_loss_freq)
+        self.jac_probes = jac_probes
+        self.jac_probe = jac_probe
+        self.spectral_iters = spectral_iters
+        self.jacobian_loss: Optional[torch.Tensor] = None
         # training-mode forwards so far (a buffer: it survives state_dict round trips)
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
         self.solution: Optional[Solution] = None
@@ -253,8 +295,12 @@ class DEQ(nn.Module):
 
     def forward(self, x: Any, z0: Optional[State] = None) -> State:
         cell = self.cell
-        u = injection_of(cell, x)
-        expected = init_state_of(cell, x) if z0 is None or _has_init_state(cell) else None
+        # parametrized weights (spectral/weight norm), computed once and held for the solve
+        held = parametrized_tensors(cell)
+        with hold_parametrized(cell, held):
+            u = injection_of(cell, x)
+            expected = (init_state_of(cell, x) if z0 is None or _has_init_state(cell)
+                        else None)
         if z0 is None:
             z0 = expected
         spec = StateSpec.of(z0, what="z0")
@@ -265,13 +311,16 @@ class DEQ(nn.Module):
                 hint="pass a z0 shaped like the cell's state",
             )
 
-        def fn(z: State) -> State:
-            return update_of(cell, z, u)
-
         u_leaves, rebuild_u = _tensor_leaves(u)
         grad_u = [i for i, t in enumerate(u_leaves) if t.requires_grad]
-        named = [(n, p) for n, p in cell.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in cell.named_parameters()
+                 if p.requires_grad and not (held and ".parametrizations." in f".{n}")]
+        named += [(n, t) for n, t in held.items() if t.requires_grad]
         inputs = tuple(u_leaves[i] for i in grad_u) + tuple(p for _, p in named)
+
+        def fn(z: State) -> State:
+            with hold_parametrized(cell, held):
+                return update_of(cell, z, u)
 
         def fn_with(z_flat: torch.Tensor, new_inputs) -> torch.Tensor:
             leaves = list(u_leaves)
@@ -281,11 +330,14 @@ class DEQ(nn.Module):
             z = spec.unflatten(z_flat)
             current = dict(cell.named_parameters())  # may differ from forward time, e.g.
             # when the forward ran inside torch.func.functional_call
-            if all(t is current.get(n) for t, (n, _) in zip(new_params, named)):
-                out = update_of(cell, z, rebuild_u(leaves))
-            else:
-                params = {f"cell.{n}": t for (n, _), t in zip(named, new_params)}
-                out = torch.func.functional_call(_CellUpdate(cell), params, (z, rebuild_u(leaves)))
+            values = {n: t for (n, _), t in zip(named, new_params)}
+            with hold_parametrized(cell, {n: values.get(n, t) for n, t in held.items()}):
+                if all(values[n] is current.get(n) for n in values if n not in held):
+                    out = update_of(cell, z, rebuild_u(leaves))
+                else:
+                    params = {f"cell.{n}": t for n, t in values.items() if n not in held}
+                    out = torch.func.functional_call(_CellUpdate(cell), params,
+                                                     (z, rebuild_u(leaves)))
             return spec.flatten(out, what="f(z)")
 
         problem = Problem(
@@ -304,7 +356,33 @@ class DEQ(nn.Module):
             self.train_steps += 1
         result = backward(problem, solver)
         self.solution = result.solution
+        self._stability_telemetry(problem, result.z)
         return spec.unflatten(result.z)
+
+    def _stability_telemetry(self, problem: Problem, z_star: torch.Tensor) -> None:
+        """The Jacobian term and the spectral estimate at ``z*``, as the options ask."""
+        stats = {}
+        self.jacobian_loss = None
+        if self.training and self.jac_loss_weight > 0 and problem.needs_graph:
+            draw = self.jac_loss_freq >= 1 or bool(torch.rand(()) < self.jac_loss_freq)
+            if draw:
+                estimate = jacobian_frobenius(problem.fn, z_star, probes=self.jac_probes,
+                                              probe=self.jac_probe)
+                self.jacobian_loss = self.jac_loss_weight * estimate.mean()
+                stats["jac_frobenius"] = estimate.detach()
+            else:
+                self.jacobian_loss = z_star.new_zeros(())
+        if self.spectral_iters:
+            stats["jac_spectral_norm"] = jacobian_spectral_norm(
+                problem.fn, z_star, iters=self.spectral_iters)
+        if stats:
+            self.solution = attrs.evolve(self.solution,
+                                         stats={**self.solution.stats, **stats})
+
+    def __getstate__(self) -> dict:
+        # the Jacobian term carries a graph (not copyable or picklable); it is per-forward
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "jacobian_loss": None}
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r},\nbackward={self.backward!r}"
