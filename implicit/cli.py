@@ -92,12 +92,12 @@ def verify(only=(), *, registry=None, max_examples=None, extra_args=()) -> int:
 
     plugin = ContractsPlugin(registry=registry, only=only)
     cases = matrix(plugin.registry, only)
-    if not cases["solver"] and not cases["gradient"]:
+    if not any(cases.values()):
         print("implicit verify: no contract case matches the selection "
               f"{list(only) or 'all'} (see `implicit plugins`)", file=sys.stderr)
         return 2
-    print(f"implicit verify: {len(cases['solver'])} solver and {len(cases['gradient'])} "
-          "gradient contract cases")
+    print("implicit verify: contract cases: " + ", ".join(
+        f"{len(found)} {kind.replace('_', ' ')}" for kind, found in cases.items()))
     argv = [suite.__file__, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
             "-W", "ignore::implicit.ConvergenceWarning", *extra_args]
     return int(pytest.main(argv, plugins=[plugin]))

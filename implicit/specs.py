@@ -19,6 +19,7 @@ KNOWN_CAPABILITIES: Mapping[str, frozenset[str]] = {
     "solver": frozenset(
         {
             "linear_only",  # only valid for affine maps (e.g. GMRES on the IFT adjoint)
+            "contraction_convergent",  # provably converges on a contraction (Banach iteration)
             "unrollable",  # out-of-place steps: may run under autograd (unrolled backward)
             "uses_jvp",  # takes Jacobian-vector products of f
             "uses_vjp",  # takes vector-Jacobian products of f
@@ -36,6 +37,7 @@ KNOWN_CAPABILITIES: Mapping[str, frozenset[str]] = {
         {
             "second_order",  # gives correct second derivatives
             "exact",  # the gradient is exact up to the solver tolerances (vs approximate)
+            "adjoint_solver",  # takes a `solver` option: the solver of its adjoint problem
         }
     ),
 }
@@ -245,9 +247,19 @@ class SolverSpec(PluginSpec):
 
 @attrs.frozen(kw_only=True)
 class BackwardSpec(PluginSpec):
-    """A backward strategy; the factory returns an :class:`implicit.BackwardStrategy`."""
+    """A backward strategy; the factory returns an :class:`implicit.BackwardStrategy`.
+
+    ``adjoint_error_bound(strategy, jacobian_norm)``: for approximate strategies, a documented
+    bound on ``‖w̃ − w‖ / ‖w‖``, where ``w = (I − Jᵀ)⁻¹ y`` is the exact adjoint, ``w̃`` the one
+    the strategy's gradient implies and ``jacobian_norm = ‖J‖₂`` at ``z*``. The contract suite
+    checks it (exact strategies are checked against 0).
+    """
 
     kind: ClassVar[str] = "backward"
+
+    adjoint_error_bound: Optional[Callable[[Any, float], float]] = attrs.field(
+        default=None, validator=v.optional(v.is_callable())
+    )
 
 
 def _check_shape(instance, attribute, value):

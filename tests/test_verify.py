@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -51,7 +55,7 @@ def test_verify_rejects_the_broken_plugin_readably(monkeypatch, capsys):
     assert code != 0
     assert "in_place: the caller's z0 was modified in place" in out
     assert "Failing test case" in out or "Falsifying example" in out  # Hypothesis's report
-    assert "contract_solver_case=('in_place', 'tanh')" in out
+    assert "test_solver_contract[in_place-tanh]" in out
 
 
 def test_verify_with_an_unknown_selection_says_so(capsys):
@@ -63,3 +67,56 @@ def test_verify_with_an_unknown_selection_says_so(capsys):
 def test_example_packages_declare_the_entry_point_group(name):
     text = (EXAMPLES / name / "pyproject.toml").read_text()
     assert "[project.entry-points.implicit_layers]" in text
+
+
+def _temporary_venv(tmp_path: Path) -> Path:
+    """A venv that sees this environment's packages (torch, implicit-layers, pytest) through a
+    .pth file but installs into its own site-packages, so nothing leaks back."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], check=True, capture_output=True, text=True)
+    ours = sysconfig.get_paths()["purelib"]
+    Path(site.stdout.strip(), "parent_env.pth").write_text(
+        f"import site; site.addsitedir({ours!r})\n")
+    return python
+
+
+def _install(python: Path, package: str, tmp_path: Path) -> None:
+    source = tmp_path / package  # a copy: an in-tree build would write into examples/
+    shutil.copytree(EXAMPLES / package, source)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--no-deps", "--no-build-isolation", "--no-index", str(source)],
+                   check=True, capture_output=True, text=True)
+
+
+def _installed_names() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="implicit_layers")}
+
+
+def test_example_packages_installed_in_a_temporary_venv_are_verified(tmp_path):
+    python = _temporary_venv(tmp_path)
+    _install(python, "implicit-example-solver", tmp_path)
+    _install(python, "implicit-example-broken", tmp_path)
+    listed = subprocess.run([str(python), "-m", "implicit", "plugins", "--json"],
+                            capture_output=True, text=True, check=True)
+    distributions = {p["name"]: p["distribution"] for p in json.loads(listed.stdout)}
+    assert distributions["halving"] == "implicit-example-solver"
+    assert distributions["in_place"] == "implicit-example-broken"
+
+    good = subprocess.run([str(python), "-m", "implicit", "verify", "implicit-example-solver",
+                           "--max-examples", "3"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    assert " passed" in good.stdout and "failed" not in good.stdout
+
+    bad = subprocess.run([str(python), "-m", "implicit", "verify", "implicit-example-broken",
+                          "--max-examples", "3"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "in_place: the caller's z0 was modified in place" in bad.stdout
+    assert "Falsifying example" in bad.stdout or "Failing test case" in bad.stdout
+
+    # nothing leaked into this environment
+    assert not {"example_solver", "example_broken"} & _installed_names()

@@ -26,20 +26,18 @@ class ContractsPlugin:
             self._registry = Registry.from_entry_points()
         return self._registry
 
-    @pytest.fixture(scope="session")
-    def contract_registry(self) -> Registry:
-        return self.registry
-
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         cases = None
-        if "contract_solver_case" in metafunc.fixturenames:
-            cases = matrix(self.registry, self.only)["solver"]
-            metafunc.parametrize("contract_solver_case", cases,
-                                 ids=[f"{s}-{c}" for s, c in cases])
-        if "contract_gradient_case" in metafunc.fixturenames:
-            cases = matrix(self.registry, self.only)["gradient"]
-            metafunc.parametrize("contract_gradient_case", cases,
-                                 ids=[f"{b}-{s}-{c}" for b, s, c in cases])
+        for kind, argument in CASE_ARGUMENTS.items():
+            if argument in metafunc.fixturenames:
+                if cases is None:
+                    cases = matrix(self.registry, self.only)
+                metafunc.parametrize(argument, cases[kind], ids=[str(c) for c in cases[kind]])
+
+
+#: the suite's case arguments, by :func:`matrix` kind
+CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
+                  for kind in ("solver", "batch_rows", "gradient", "adjoint", "leak")}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,39 +1,87 @@
-"""The contract suite (collected only when run by ``implicit verify`` or the opt-in plugin)."""
+"""The contract suite (collected only when run by ``implicit verify`` or the opt-in plugin).
+
+Each test is parametrised over the registry by :mod:`implicit.testing.plugin` (ids = plugin
+names) and draws instances from the cells' Hypothesis strategies. Convergence itself is asserted
+only where it is guaranteed; elsewhere it is recorded as a Hypothesis event (see
+``--hypothesis-show-statistics``).
+"""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from implicit.testing.checks import check_gradient_contract, check_solver_contract
+from implicit.registry import use_registry
+from implicit.testing.checks import (
+    check_adjoint,
+    check_batch_rows,
+    check_gradient_contract,
+    check_no_leak,
+    check_nonfinite,
+    check_solver_contract,
+)
 
 MAX_EXAMPLES = int(os.environ.get("IMPLICIT_VERIFY_MAX_EXAMPLES", "10"))
 VERIFY = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                   max_examples=MAX_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 
 
+def _few(n: int) -> int:
+    return max(1, min(n, MAX_EXAMPLES))
+
+
 @settings(VERIFY)
 @given(data=st.data())
-def test_solver_contract(contract_registry, contract_solver_case, data):
-    solver, cell = contract_solver_case
-    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
-    example = data.draw(contract_registry.get("cell", cell).spec.strategy(dtype=dtype),
-                        label="example")
-    tol = data.draw(st.sampled_from([1e-3, 1e-5] if dtype == torch.float32 else [1e-5, 1e-9]),
-                    label="tol")
-    stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
-    max_iter = data.draw(st.integers(1, 60), label="max_iter")
-    check_solver_contract(contract_registry, solver, example, tol=tol, stop=stop,
-                          max_iter=max_iter)
+def test_solver_contract(contract_solver_case, data):
+    case = contract_solver_case
+    with use_registry(case.registry):  # plugin names resolve in the case's registry
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+        example = case.example(data.draw, dtype)
+        tols = [1e-3, 1e-5] if dtype == torch.float32 else [1e-5, 1e-9]
+        tol = data.draw(st.sampled_from(tols), label="tol")
+        stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
+        max_iter = data.draw(st.integers(1, 60), label="max_iter")
+        converged = check_solver_contract(case.registry, case.solver, example, tol=tol,
+                                          stop=stop, max_iter=max_iter)
+        event(f"{case}: {'all converged' if converged else 'not all converged'}")
+        check_nonfinite(case.registry, case.solver, example, case.batch_independent)
 
 
-@settings(VERIFY, max_examples=max(1, min(4, MAX_EXAMPLES)))
+@settings(VERIFY, max_examples=_few(3))
 @given(data=st.data())
-def test_gradient_contract(contract_registry, contract_gradient_case, data):
-    backward, solver, cell = contract_gradient_case
-    example = data.draw(contract_registry.get("cell", cell).spec.strategy(dtype=torch.float64),
-                        label="example")
-    check_gradient_contract(contract_registry, backward, solver, example)
+def test_batch_rows_match_solving_alone(contract_batch_rows_case, data):
+    case = contract_batch_rows_case
+    with use_registry(case.registry):  # plugin names resolve in the case's registry
+        check_batch_rows(case.registry, case.solver, case.example(data.draw, torch.float64))
+
+
+@settings(VERIFY, max_examples=_few(4))
+@given(data=st.data())
+def test_gradient_contract(contract_gradient_case, data):
+    case = contract_gradient_case
+    with use_registry(case.registry):  # plugin names resolve in the case's registry
+        check_gradient_contract(case.registry, case.backward, case.solver,
+                                case.example(data.draw, torch.float64))
+
+
+@settings(VERIFY, max_examples=_few(2))
+@given(data=st.data())
+def test_adjoint_solver_contract(contract_adjoint_case, data):
+    case = contract_adjoint_case
+    with use_registry(case.registry):  # plugin names resolve in the case's registry
+        error = check_adjoint(case.registry, case.backward, case.solver,
+                              case.example(data.draw, torch.float64), adjoint=case.adjoint)
+        event(f"{case}: " + ("checked" if error is not None
+                             else "no claim (a solve did not converge)"))
+
+
+@settings(VERIFY, max_examples=1)
+@given(data=st.data())
+def test_no_leak_over_50_steps(contract_leak_case, data):
+    case = contract_leak_case
+    with use_registry(case.registry):  # plugin names resolve in the case's registry
+        check_no_leak(case.registry, case.backward, case.solver,
+                      case.example(data.draw, torch.float64), steps=50)

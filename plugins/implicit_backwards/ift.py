@@ -201,7 +201,7 @@ def implicit_register_backwards(register):
         implicit.BackwardSpec(
             name="ift",
             factory=ImplicitBackward,
-            capabilities={"exact", "second_order"},
+            capabilities={"exact", "second_order", "adjoint_solver"},
             equivalents={"torchdeq": {"ift": True}},
         )
     )

@@ -48,6 +48,11 @@ class Phantom(implicit.BackwardStrategy):
         return attrs.evolve(result, z=z)
 
 
+def phantom_bound(strategy: Phantom, jacobian_norm: float) -> float:
+    """The documented bound on ``‖w_phantom − w‖ / ‖w‖`` (module docstring)."""
+    return (1 - strategy.lam * (1 - jacobian_norm)) ** strategy.k
+
+
 def jfb() -> Phantom:
     """Jacobian-free backprop: the gradient of one step f(z*) (phantom with k=1, lam=1)."""
     return Phantom(k=1, lam=1.0)
@@ -57,11 +62,13 @@ def jfb() -> Phantom:
 def implicit_register_backwards(register):
     register(
         implicit.BackwardSpec(
-            name="phantom", factory=Phantom, equivalents={"torchdeq": {"grad": 5, "tau": 0.8}}
+            name="phantom", factory=Phantom, adjoint_error_bound=phantom_bound,
+            equivalents={"torchdeq": {"grad": 5, "tau": 0.8}},
         )
     )
     register(
         implicit.BackwardSpec(
-            name="jfb", factory=jfb, equivalents={"torchdeq": {"grad": 1, "tau": 1.0}}
+            name="jfb", factory=jfb, adjoint_error_bound=phantom_bound,
+            equivalents={"torchdeq": {"grad": 1, "tau": 1.0}},
         )
     )

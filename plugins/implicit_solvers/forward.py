@@ -35,7 +35,7 @@ def implicit_register_solvers(register):
         implicit.SolverSpec(
             name="forward",
             factory=ForwardIteration,
-            capabilities={"unrollable"},
+            capabilities={"unrollable", "contraction_convergent"},
             equivalents={"torchdeq": "fixed_point_iter"},
         )
     )

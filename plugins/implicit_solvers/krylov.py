@@ -52,7 +52,10 @@ def batched_gmres(
     matvecs += x0 is not None
     beta = torch.linalg.vector_norm(r, dim=1)
     converged = beta <= target
-    while matvecs < max_matvecs and not bool(converged.all()):
+    # a sample with a non-finite right-hand side or residual is hopeless: it must not keep the
+    # others iterating (nor spend the shared matvec budget)
+    hopeless = ~torch.isfinite(beta) | ~torch.isfinite(target)
+    while matvecs < max_matvecs and not bool((converged | hopeless).all()):
         m = min(restart, max_matvecs - matvecs)
         V = torch.zeros(bsz, m + 1, n, dtype=dtype, device=device)
         H = torch.zeros(bsz, m + 1, m, dtype=dtype, device=device)
@@ -61,7 +64,7 @@ def batched_gmres(
         g = torch.zeros(bsz, m + 1, dtype=dtype, device=device)
         g[:, 0] = beta
         V[:, 0] = r / beta.clamp_min(tiny)[:, None]
-        done = converged.clone()  # samples that need no more columns in this cycle
+        done = converged | hopeless  # samples that need no more columns in this cycle
         used = torch.zeros(bsz, dtype=torch.long, device=device)
         k = 0
         for k in range(m):
@@ -92,7 +95,8 @@ def batched_gmres(
             residual = g[:, k + 1].abs()
             used = torch.where(done, used, used + 1)
             # happy breakdown (h_next = 0) means the Krylov space holds the exact solution
-            done = done | (residual <= target) | (h_next <= tiny * (1 + H[:, k, k].abs()))
+            done = done | (residual <= target) | (h_next <= tiny * (1 + H[:, k, k].abs())) \
+                | ~torch.isfinite(residual)
             if bool(done.all()):
                 break
         cols = k + 1
@@ -109,7 +113,8 @@ def batched_gmres(
         matvecs += 1
         beta = torch.linalg.vector_norm(r, dim=1)
         converged = beta <= target * (1 + 1e-6)
-        if bool(((used == 0) | converged).all()):
+        hopeless = hopeless | ~torch.isfinite(beta)
+        if bool(((used == 0) | converged | hopeless).all()):
             break
     return GMRESResult(x=x, residual=beta, matvecs=matvecs, converged=converged)
 
