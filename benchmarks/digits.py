@@ -46,9 +46,9 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25):
 
 
 def build_model(features: int = 64, solver: str = "anderson", backward: str = "ift",
-                **deq_options) -> nn.Sequential:
+                tol: float = 1e-4, **deq_options) -> nn.Sequential:
     cell = implicit.make_cell("tanh", features=features, in_features=features)
-    deq = implicit.DEQ(cell, solver=solver, backward=backward, tol=1e-4, max_iter=40,
+    deq = implicit.DEQ(cell, solver=solver, backward=backward, tol=tol, max_iter=40,
                        policy="ignore", **deq_options)
     return nn.Sequential(nn.Linear(64, features), deq, nn.Linear(features, 10))
 
@@ -78,14 +78,17 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", default="ift")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--autocast", choices=["bfloat16", "float16"])
+    parser.add_argument("--tol", type=float, help="DEQ tolerance (default 1e-4; 2e-2 under "
+                        "autocast: a bf16 cell cannot resolve 1e-4)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     rank, _ = distributed_from_env()
     dtype = getattr(torch, args.autocast) if args.autocast else None
+    tol = args.tol if args.tol is not None else (2e-2 if dtype is not None else 1e-4)
     trainer = make_trainer(args.epochs, seed=args.seed, lr=args.lr, backward=args.backward,
-                           autocast_dtype=dtype)
+                           autocast_dtype=dtype, tol=tol)
     checkpoint = args.out / "checkpoint.pt" if args.out else None
     if args.resume and checkpoint is not None and checkpoint.is_file():
         trainer.load(checkpoint)

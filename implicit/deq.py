@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
+import contextlib
 import warnings
 
 import attrs
@@ -18,7 +19,7 @@ from torch import nn
 from .backward import BackwardStrategy, Problem
 from .cell import Cell, check_cell, init_state_of, injection_of, update_of
 from .registry import get_registry
-from .solution import Solution
+from .solution import Solution, Status
 from .solver import Solver, iterate
 from .stability import (PROBES, hold_parametrized, hook_based_spectral_norm,
                         jacobian_frobenius, jacobian_spectral_norm, parametrized_tensors)
@@ -140,6 +141,41 @@ class _CellUpdate(nn.Module):
         return update_of(self.cell, z, u)
 
 
+def _autocast_of(x: Any) -> Optional[tuple[str, torch.dtype]]:
+    """``(device_type, dtype)`` of the autocast active for ``x``'s device, or None."""
+    leaves, _ = _tensor_leaves(x)
+    device_type = leaves[0].device.type if leaves else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return device_type, torch.get_autocast_dtype(device_type)
+
+
+def _cell_precision(amp: Optional[tuple[str, torch.dtype]]):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(amp[0], dtype=amp[1])
+
+
+def _solver_precision(amp: Optional[tuple[str, torch.dtype]]):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(amp[0], enabled=False)
+
+
+def _full_precision(z: State) -> State:
+    if isinstance(z, torch.Tensor):
+        return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    return type(z)(_full_precision(t) for t in z)
+
+
+def _cast_like(out: State, z: State) -> State:
+    if isinstance(out, torch.Tensor) and isinstance(z, torch.Tensor):
+        return out if out.dtype == z.dtype else out.to(z.dtype)
+    if isinstance(out, (tuple, list)) and isinstance(z, (tuple, list)) and len(out) == len(z):
+        return type(out)(_cast_like(o, r) for o, r in zip(out, z))
+    return out
+
+
 def _has_init_state(cell: nn.Module) -> bool:
     return isinstance(cell, Cell) or callable(getattr(cell, "init_state", None))
 
@@ -210,6 +246,10 @@ class DEQ(nn.Module):
         spectral_iters: when > 0, every forward also reports ``‖J_f(z*)‖₂`` per sample in
             ``layer.solution.stats["jac_spectral_norm"]`` (power iteration on ``JᵀJ``, this
             many iterations at most; a contraction indicator).
+
+    Under ``torch.autocast`` the cell runs in the autocast dtype and the solver in float32 (a
+    low-precision state is promoted); samples that overflow are reported ``NONFINITE`` and their
+    rows of ``z*`` are NaN, so a ``GradScaler`` skips the step.
 
     Cells whose weights are parametrized (``torch.nn.utils.parametrizations``, e.g. by
     :func:`implicit.stability.normalize_weights`) have every parametrized weight computed once
@@ -303,6 +343,10 @@ class DEQ(nn.Module):
                         else None)
         if z0 is None:
             z0 = expected
+        amp = _autocast_of(x)
+        if amp is not None:  # the solver's state stays in full precision under autocast
+            z0 = _full_precision(z0)
+            expected = _full_precision(expected) if expected is not None else None
         spec = StateSpec.of(z0, what="z0")
         if expected is not None and expected is not z0:
             spec.parts(
@@ -318,9 +362,12 @@ class DEQ(nn.Module):
         named += [(n, t) for n, t in held.items() if t.requires_grad]
         inputs = tuple(u_leaves[i] for i in grad_u) + tuple(p for _, p in named)
 
+        # under autocast the cell runs in low precision; its output is cast back to the state's
+        # dtype so the solver's history, mixing and residuals stay in full precision
+
         def fn(z: State) -> State:
-            with hold_parametrized(cell, held):
-                return update_of(cell, z, u)
+            with hold_parametrized(cell, held), _cell_precision(amp):
+                return _cast_like(update_of(cell, z, u), z)
 
         def fn_with(z_flat: torch.Tensor, new_inputs) -> torch.Tensor:
             leaves = list(u_leaves)
@@ -331,14 +378,15 @@ class DEQ(nn.Module):
             current = dict(cell.named_parameters())  # may differ from forward time, e.g.
             # when the forward ran inside torch.func.functional_call
             values = {n: t for (n, _), t in zip(named, new_params)}
-            with hold_parametrized(cell, {n: values.get(n, t) for n, t in held.items()}):
+            with hold_parametrized(cell, {n: values.get(n, t) for n, t in held.items()}), \
+                    _cell_precision(amp):
                 if all(values[n] is current.get(n) for n in values if n not in held):
                     out = update_of(cell, z, rebuild_u(leaves))
                 else:
                     params = {f"cell.{n}": t for n, t in values.items() if n not in held}
                     out = torch.func.functional_call(_CellUpdate(cell), params,
                                                      (z, rebuild_u(leaves)))
-            return spec.flatten(out, what="f(z)")
+            return spec.flatten(_cast_like(out, z), what="f(z)")
 
         problem = Problem(
             fn=flat_map(fn, spec),
@@ -354,10 +402,19 @@ class DEQ(nn.Module):
             if int(self.train_steps) < self.pretrain_steps:
                 backward = self.pretrain_backward
             self.train_steps += 1
-        result = backward(problem, solver)
+        with _solver_precision(amp):
+            result = backward(problem, solver)
         self.solution = result.solution
         self._stability_telemetry(problem, result.z)
-        return spec.unflatten(result.z)
+        z_star = result.z
+        if amp is not None:
+            # an overflowing low-precision cell: the non-finite samples stay non-finite, so the
+            # loss and gradients are too and a GradScaler skips the step (no exception)
+            nonfinite = result.solution.sample_status == Status.NONFINITE.code
+            if bool(nonfinite.any()):
+                z_star = torch.where(nonfinite.to(z_star.device)[:, None],
+                                     torch.full_like(z_star, float("nan")), z_star)
+        return spec.unflatten(z_star)
 
     def _stability_telemetry(self, problem: Problem, z_star: torch.Tensor) -> None:
         """The Jacobian term and the spectral estimate at ``z*``, as the options ask."""

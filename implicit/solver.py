@@ -253,6 +253,33 @@ def iterate(
     return FlatResult(z=best.z, solution=record)
 
 
+def step_block(solver: Solver, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, state: Any,
+               steps: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """``steps`` steps of ``solver`` from ``(z, fz = fn(z), state)`` with no stopping test, no
+    masking and no record: a fixed-iteration block without host synchronisation, the unit to
+    hand to ``torch.compile`` (``compile_block``). Stops, per-sample records and telemetry
+    stay outside, in :func:`iterate`. ``state`` is ``solver.init(z, fz)`` or a previous
+    block's."""
+    counted = fn if isinstance(fn, Evaluator) else Evaluator(fn, budget=steps * 1_000)
+    for _ in range(steps):
+        if solver.uses_residual:
+            z, fz, state = solver.step(counted, z, fz, state, g=fz - z)
+        else:
+            z, fz, state = solver.step(counted, z, fz, state)
+    return z, fz, state
+
+
+def compile_block(solver: Solver, fn: FlatFn, steps: int, **compile_options: Any):
+    """``torch.compile`` of :func:`step_block` for ``solver`` and ``fn`` (``steps`` fixed):
+    ``block(z, fz, state) -> (z, fz, state)``; ``torch._dynamo.explain`` reports no graph
+    break for the built-in forward and Anderson solvers on the built-in cells."""
+
+    def block(z: torch.Tensor, fz: torch.Tensor, state: Any):
+        return step_block(solver, fn, z, fz, state, steps)
+
+    return torch.compile(block, **compile_options)
+
+
 @attrs.frozen(eq=False)
 class _Best:
     """Per-sample best iterate by the stopping residual."""

@@ -84,7 +84,7 @@ class Anderson(implicit.Solver):
         if g is None:
             g = fz - z
         # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i)
-        torch.add(z, g, alpha=float(self.beta), out=state.Y[:, slot])
+        state.Y[:, slot] = torch.add(z, g, alpha=float(self.beta))
         state.G[:, slot] = g
         state.count += 1
         k = min(state.count, self.m)

@@ -49,9 +49,8 @@ def broyden_update(
     moved = torch.linalg.vector_norm(dz, dim=1) > 0  # finished samples are frozen: Δz = 0
     keep = (~skip).to(dz.dtype)
     safe = torch.where(skip, torch.ones_like(denom), denom)
-    # written straight into the history rows: these solvers are memory-bound on large states
-    torch.mul(dz - b_dg, (keep / safe)[:, None], out=U[:, slot])
-    torch.mul(vT, keep[:, None], out=VT[:, slot])
+    U[:, slot] = (dz - b_dg) * (keep / safe)[:, None]
+    VT[:, slot] = vT * keep[:, None]
     return skip & moved
 
 
