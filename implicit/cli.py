@@ -86,7 +86,10 @@ def verify(only=(), *, registry=None, max_examples=None, extra_args=()) -> int:
         print(f"implicit verify needs pytest and hypothesis (pip install "
               f"'implicit-layers[test]'): {exc}", file=sys.stderr)
         return 2
-    if suite.MAX_EXAMPLES != int(os.environ.get("IMPLICIT_VERIFY_MAX_EXAMPLES", "10")):
+    except ValueError as exc:  # a bad IMPLICIT_VERIFY_* setting
+        print(f"implicit verify: {exc}", file=sys.stderr)
+        return 2
+    if suite.MAX_EXAMPLES != suite.max_examples():
         suite = importlib.reload(suite)  # the example count is fixed when the suite is built
     from .testing.checks import matrix
 

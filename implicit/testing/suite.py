@@ -24,13 +24,29 @@ from implicit.testing.checks import (
     check_solver_contract,
 )
 
-MAX_EXAMPLES = int(os.environ.get("IMPLICIT_VERIFY_MAX_EXAMPLES", "10"))
+#: examples per case: ``IMPLICIT_VERIFY_MAX_EXAMPLES`` (``implicit verify --max-examples``), else
+#: the profile ``IMPLICIT_VERIFY_PROFILE``: ``ci`` (default, 10) or ``nightly`` (100)
+PROFILES = {"ci": 10, "nightly": 100}
+
+
+def max_examples() -> int:
+    if "IMPLICIT_VERIFY_MAX_EXAMPLES" in os.environ:
+        return int(os.environ["IMPLICIT_VERIFY_MAX_EXAMPLES"])
+    profile = os.environ.get("IMPLICIT_VERIFY_PROFILE", "ci")
+    if profile not in PROFILES:
+        raise ValueError(f"IMPLICIT_VERIFY_PROFILE must be one of {sorted(PROFILES)}, got "
+                         f"{profile!r}")
+    return PROFILES[profile]
+
+
+MAX_EXAMPLES = max_examples()
 VERIFY = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                   max_examples=MAX_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _few(n: int) -> int:
-    return max(1, min(n, MAX_EXAMPLES))
+    """A smaller count for the costlier tests, scaled up with the nightly profile."""
+    return max(1, min(n * max(1, MAX_EXAMPLES // 10), MAX_EXAMPLES))
 
 
 @settings(VERIFY)
