@@ -49,6 +49,10 @@ SCIPY_METHODS = ("lgmres", "gmres", "bicgstab", "cgs", "minres", "tfqmr")
 ETA_MAX = 0.1
 
 
+#: a backtracked Newton step that leaves more than this fraction of ‖g‖ counts as stalled
+STALL = 0.9
+
+
 @attrs.define
 class _TorchState:
     eta: torch.Tensor | None = None  # (B,) forcing term of the previous step
@@ -56,6 +60,7 @@ class _TorchState:
     jvp_mode: str = "auto"
     njvp: int = 0
     newton_steps: int = 0
+    picard_steps: int = 0  # fixed-point steps taken where a Newton step stalled
     scipy_failures: int = 0
 
 
@@ -91,6 +96,7 @@ class NewtonKrylov(implicit.Solver):
 
     def stats(self, state: _TorchState) -> dict:
         return {"njvp": state.njvp, "newton_steps": state.newton_steps,
+                "picard_steps": state.picard_steps,
                 "jvp": state.jvp_mode, "scipy_failures": state.scipy_failures}
 
     # -- torch: one Newton step per loop step ----------------------------------------------
@@ -119,6 +125,17 @@ class NewtonKrylov(implicit.Solver):
                 f_trial = fn(trial)
                 z_next = torch.where(worse[:, None], trial, z_next)
                 fz_next = torch.where(worse[:, None], f_trial, fz_next)
+            # Newton crawls where the map is not smooth (ReLU kinks): a sample whose backtracked
+            # step cut ‖g‖ by less than STALL also tries the fixed-point step z ← f(z) and keeps
+            # whichever of the two ends with the smaller residual
+            new_norm = torch.linalg.vector_norm(fz_next - z_next, dim=1)
+            stalled = new_norm > STALL * g_norm
+            if fn.remaining > 0 and bool(stalled.any()):
+                f_picard = fn(fz)
+                better = stalled & (torch.linalg.vector_norm(f_picard - fz, dim=1) < new_norm)
+                state.picard_steps += int(better.sum())
+                z_next = torch.where(better[:, None], fz, z_next)
+                fz_next = torch.where(better[:, None], f_picard, fz_next)
         state.eta, state.g_norm = eta, g_norm
         return z_next, fz_next, state
 
