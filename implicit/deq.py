@@ -24,6 +24,8 @@ from .solver import Solver, iterate
 from .stability import (PROBES, hold_parametrized, hook_based_spectral_norm,
                         jacobian_frobenius, jacobian_spectral_norm, parametrized_tensors)
 from .state import State, StateSpec
+from .validators import (check_value, nonnegative_int, nonnegative_number, number_in, one_of,
+                         positive_int)
 
 _LOOP_OPTIONS = ("tol", "max_iter", "stop", "policy")
 
@@ -296,9 +298,7 @@ class DEQ(nn.Module):
         self.eval_solver = resolve_solver(self.solver, tol=eval_tol, max_iter=eval_max_iter)
         self.backward = resolve_backward(backward, backward_options)
         check_compatible(self.solver, self.backward)
-        if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or \
-                pretrain_steps < 0:
-            raise ValueError(f"pretrain_steps must be an int >= 0, got {pretrain_steps!r}")
+        check_value("pretrain_steps", pretrain_steps, nonnegative_int)
         if pretrain_steps and pretrain_backward is None:
             raise ValueError("pretrain_steps > 0 needs a pretrain_backward (e.g. 'unrolled')")
         self.pretrain_steps = pretrain_steps
@@ -307,23 +307,12 @@ class DEQ(nn.Module):
         )
         if self.pretrain_backward is not None:
             check_compatible(self.solver, self.pretrain_backward)
-        for option, value, low, high in (("jac_loss_weight", jac_loss_weight, 0, float("inf")),
-                                         ("jac_loss_freq", jac_loss_freq, 0, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not low <= value <= high:
-                raise ValueError(f"{option} must be a number in [{low}, {high}], got {value!r}")
-        for option, value in (("jac_probes", jac_probes), ("spectral_iters", spectral_iters)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
-                    (option == "jac_probes" and value == 0):
-                raise ValueError(f"{option} must be an int >= {int(option == 'jac_probes')}, "
-                                 f"got {value!r}")
-        if jac_probe not in PROBES:
-            raise ValueError(f"jac_probe must be one of {PROBES}, got {jac_probe!r}")
-        self.jac_loss_weight = float(jac_loss_weight)
-        self.jac_loss_freq = float(jac_loss_freq)
-        self.jac_probes = jac_probes
-        self.jac_probe = jac_probe
-        self.spectral_iters = spectral_iters
+        self.jac_loss_weight = float(check_value("jac_loss_weight", jac_loss_weight,
+                                                 nonnegative_number))
+        self.jac_loss_freq = float(check_value("jac_loss_freq", jac_loss_freq, number_in(0, 1)))
+        self.jac_probes = check_value("jac_probes", jac_probes, positive_int)
+        self.jac_probe = check_value("jac_probe", jac_probe, one_of(*PROBES))
+        self.spectral_iters = check_value("spectral_iters", spectral_iters, nonnegative_int)
         self.jacobian_loss: Optional[torch.Tensor] = None
         # training-mode forwards so far (a buffer: it survives state_dict round trips)
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))

@@ -53,3 +53,29 @@ def number_in(low: float, high: float, *, low_open: bool = False,
             raise ValueError(f"{attribute.name} must be a number in {text}, got {value!r}")
 
     return check
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def check_value(name: str, value: Any, *validators: Validator) -> Any:
+    """Apply attrs-style ``validators`` to a plain keyword argument ``name``; return ``value``
+    (for constructors that are not attrs classes, e.g. ``DEQ``)."""
+    for validator in validators:
+        validator(None, _Named(name), value)
+    return value
+
+
+def one_of(*choices: Any) -> Validator:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {choices}, got {value!r}")
+
+    return check
+
+
+def nonnegative_int(instance: Any, attribute: Any, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an int >= 0, got {value!r}")
