@@ -28,7 +28,8 @@ from .registry import (
 )
 from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver import FlatResult, Solver, iterate
-from .specs import BackwardSpec, CellExample, CellSpec, OptionSpec, SolverSpec, Workload
+from .specs import (BackwardSpec, CellExample, CellSpec, OptionSpec, SolverSpec, Workload,
+                    seeded)
 
 try:
     __version__ = version("implicit-layers")
@@ -64,6 +65,7 @@ __all__ = [
     "make_backward",
     "make_cell",
     "make_solver",
+    "seeded",
     "solve",
     "stability",
     "use_registry",

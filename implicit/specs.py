@@ -7,11 +7,13 @@ options against it, with a did-you-mean for misspellings.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 
 import attrs
+import torch
 from attrs import validators as v
 
 #: Capabilities a plugin may declare, per kind. A typo in a capability is a registration error.
@@ -325,3 +327,19 @@ SPEC_TYPES: Mapping[str, type[PluginSpec]] = {
     "cell": CellSpec,
     "backward": BackwardSpec,
 }
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[torch.Generator]:
+    """For cell strategies: inside the block the global torch RNG (which module constructors
+    draw initial weights from) is seeded with ``seed`` and restored afterwards, so drawing an
+    example never disturbs the caller's random stream; yields a generator with the same seed
+    for the inputs. Example::
+
+        with implicit.seeded(seed) as gen:
+            cell = MyCell(4).to(dtype)
+            x = torch.randn(batch, 4, generator=gen, dtype=dtype)
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)

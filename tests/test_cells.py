@@ -136,3 +136,17 @@ def test_deq_warns_about_modules_that_move_the_fixed_point(module):
 
     with pytest.warns(implicit.EquilibriumWarning, match=type(module).__name__):
         implicit.DEQ(Cell(), solver="forward", backward="ift")
+
+
+def test_drawing_an_example_leaves_the_global_rng_alone(registry):
+    from hypothesis import find, HealthCheck, settings
+
+    for name in registry.names("cell"):
+        strategy = registry.get("cell", name).spec.strategy
+        if strategy is None:
+            continue
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        find(strategy(dtype=torch.float64), lambda example: True,
+             settings=settings(database=None, suppress_health_check=list(HealthCheck)))
+        assert torch.equal(torch.get_rng_state(), before), name

@@ -104,15 +104,15 @@ def examples(dtype: torch.dtype = torch.float64):
         batch = draw(st.integers(1, 4))
         m = draw(st.floats(0.5, 1.0))
         seed = draw(st.integers(0, 2**31 - 1))
-        gen = torch.Generator().manual_seed(seed)
-        cell = MonotoneCell(features, in_features, m=m).to(dtype)
-        with torch.no_grad():
-            scale = 0.1 / math.sqrt(features)
-            cell.A.copy_(torch.randn(features, features, generator=gen, dtype=dtype) * scale)
-            cell.B.copy_(torch.randn(features, features, generator=gen, dtype=dtype) * scale)
-            cell.U.weight.copy_(torch.randn(features, in_features, generator=gen, dtype=dtype))
-            cell.U.bias.copy_(torch.randn(features, generator=gen, dtype=dtype))
-        x = torch.randn(batch, in_features, generator=gen, dtype=dtype)
+        with implicit.seeded(seed) as gen:
+            cell = MonotoneCell(features, in_features, m=m).to(dtype)
+            with torch.no_grad():
+                scale = 0.1 / math.sqrt(features)
+                cell.A.copy_(torch.randn(features, features, generator=gen, dtype=dtype) * scale)
+                cell.B.copy_(torch.randn(features, features, generator=gen, dtype=dtype) * scale)
+                cell.U.weight.copy_(torch.randn(features, in_features, generator=gen, dtype=dtype))
+                cell.U.bias.copy_(torch.randn(features, generator=gen, dtype=dtype))
+            x = torch.randn(batch, in_features, generator=gen, dtype=dtype)
         return implicit.CellExample(cell=cell, x=x, lipschitz=cell.contraction())
 
     return draw()

@@ -122,10 +122,9 @@ def examples(dtype: torch.dtype = torch.float64):
         size = draw(st.sampled_from([4, 8] if n < 3 else [8]))
         batch = draw(st.integers(1, 2))
         seed = draw(st.integers(0, 2**31 - 1))
-        torch.manual_seed(seed)
-        cell = MultiscaleCell(in_channels=2, channels=channels, num_groups=2).to(dtype)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch, 2, size, size, generator=gen, dtype=dtype)
+        with implicit.seeded(seed) as gen:
+            cell = MultiscaleCell(in_channels=2, channels=channels, num_groups=2).to(dtype)
+            x = torch.randn(batch, 2, size, size, generator=gen, dtype=dtype)
         return implicit.CellExample(cell=cell, x=x, lipschitz=None)
 
     return draw()

@@ -83,11 +83,11 @@ def examples(dtype: torch.dtype = torch.float64):
         size = draw(st.integers(2, 5))
         batch = draw(st.integers(1, 3))
         seed = draw(st.integers(0, 2**31 - 1))
-        torch.manual_seed(seed)
-        cell = ResNetCell(channels, inner, kernel_size=draw(st.sampled_from([1, 3])),
-                          num_groups=groups).to(dtype)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch, channels, size, size, generator=gen, dtype=dtype)
+        kernel_size = draw(st.sampled_from([1, 3]))
+        with implicit.seeded(seed) as gen:
+            cell = ResNetCell(channels, inner, kernel_size=kernel_size,
+                              num_groups=groups).to(dtype)
+            x = torch.randn(batch, channels, size, size, generator=gen, dtype=dtype)
         return implicit.CellExample(cell=cell, x=x, lipschitz=None)
 
     return draw()

@@ -68,15 +68,15 @@ def examples(dtype: torch.dtype = torch.float64):
         batch = draw(st.integers(1, 5))
         rho = draw(st.floats(0.05, 0.9))
         seed = draw(st.integers(0, 2**31 - 1))
-        gen = torch.Generator().manual_seed(seed)
-        cell = TanhCell(features, in_features).to(dtype)
-        with torch.no_grad():
-            w = torch.randn(features, features, generator=gen, dtype=dtype)
-            w *= rho / torch.linalg.matrix_norm(w, ord=2).clamp_min(1e-12)
-            cell.W.weight.copy_(w)
-            cell.U.weight.copy_(torch.randn(features, in_features, generator=gen, dtype=dtype))
-            cell.U.bias.copy_(torch.randn(features, generator=gen, dtype=dtype))
-        x = torch.randn(batch, in_features, generator=gen, dtype=dtype)
+        with implicit.seeded(seed) as gen:
+            cell = TanhCell(features, in_features).to(dtype)
+            with torch.no_grad():
+                w = torch.randn(features, features, generator=gen, dtype=dtype)
+                w *= rho / torch.linalg.matrix_norm(w, ord=2).clamp_min(1e-12)
+                cell.W.weight.copy_(w)
+                cell.U.weight.copy_(torch.randn(features, in_features, generator=gen, dtype=dtype))
+                cell.U.bias.copy_(torch.randn(features, generator=gen, dtype=dtype))
+            x = torch.randn(batch, in_features, generator=gen, dtype=dtype)
         return implicit.CellExample(cell=cell, x=x, lipschitz=rho)
 
     return draw()

@@ -103,11 +103,11 @@ def examples(dtype: torch.dtype = torch.float64):
         length = draw(st.integers(1, 4))
         batch = draw(st.integers(1, 3))
         seed = draw(st.integers(0, 2**31 - 1))
-        torch.manual_seed(seed)
-        cell = TransformerCell(d_model, in_features, n_heads=heads,
-                               causal=draw(st.booleans()), init_scale=0.2).to(dtype)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(batch, length, in_features, generator=gen, dtype=dtype)
+        causal = draw(st.booleans())
+        with implicit.seeded(seed) as gen:
+            cell = TransformerCell(d_model, in_features, n_heads=heads, causal=causal,
+                                   init_scale=0.2).to(dtype)
+            x = torch.randn(batch, length, in_features, generator=gen, dtype=dtype)
         return implicit.CellExample(cell=cell, x=x, lipschitz=None)
 
     return draw()
