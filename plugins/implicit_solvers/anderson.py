@@ -84,7 +84,8 @@ class Anderson(implicit.Solver):
         if g is None:
             g = fz - z
         # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i)
-        state.Y[:, slot] = torch.add(z, g, alpha=float(self.beta))
+        # x + βg is f(x) itself for β = 1: one pass over the state instead of three
+        state.Y[:, slot] = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
         state.G[:, slot] = g
         state.count += 1
         k = min(state.count, self.m)
