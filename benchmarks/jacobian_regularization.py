@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--weight", type=float, default=5.0)
+    parser.add_argument("--weight", type=float, default=10.0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
