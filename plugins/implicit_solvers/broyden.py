@@ -49,8 +49,12 @@ def broyden_update(
     moved = torch.linalg.vector_norm(dz, dim=1) > 0  # finished samples are frozen: Δz = 0
     keep = (~skip).to(dz.dtype)
     safe = torch.where(skip, torch.ones_like(denom), denom)
-    U[:, slot] = (dz - b_dg) * (keep / safe)[:, None]
-    VT[:, slot] = vT * keep[:, None]
+    if torch.compiler.is_compiling():  # dynamo cannot trace out= into a strided slice
+        U[:, slot] = (dz - b_dg) * (keep / safe)[:, None]
+        VT[:, slot] = vT * keep[:, None]
+    else:  # eager: write straight into the history (these steps are memory-bound)
+        torch.mul(dz - b_dg, (keep / safe)[:, None], out=U[:, slot])
+        torch.mul(vT, keep[:, None], out=VT[:, slot])
     return skip & moved
 
 
