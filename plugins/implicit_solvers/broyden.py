@@ -26,6 +26,8 @@ import torch
 import implicit
 from implicit.validators import positive_int
 
+from .linesearch import backtrack
+
 
 def broyden_update(
     U: torch.Tensor,
@@ -137,24 +139,11 @@ class Broyden(implicit.Solver):
         z_next = z - b_g  # the quasi-Newton step −B g
         fz_next = fn(z_next)
         if self.line_search:
-            z_next, fz_next = self._backtrack(fn, z, g, -b_g, z_next, fz_next, state)
+            z_next, fz_next, calls = backtrack(fn, z, -b_g, z_next, fz_next,
+                                               torch.linalg.vector_norm(g, dim=1),
+                                               halvings=self.ls_steps)
+            state.ls_calls += calls
         return z_next, fz_next, state
-
-    def _backtrack(self, fn, z, g, direction, z_next, fz_next, state):
-        """Halve the step of samples whose ‖g‖ did not decrease, while budget allows."""
-        g_norm = torch.linalg.vector_norm(g, dim=1)
-        step = torch.ones_like(g_norm)
-        for _ in range(self.ls_steps):
-            worse = torch.linalg.vector_norm(fz_next - z_next, dim=1) > (1 - 1e-4 * step) * g_norm
-            if fn.remaining <= 0 or not bool(worse.any()):
-                break
-            step = torch.where(worse, step / 2, step)
-            trial = z + step[:, None] * direction
-            f_trial = fn(trial)
-            state.ls_calls += 1
-            z_next = torch.where(worse[:, None], trial, z_next)
-            fz_next = torch.where(worse[:, None], f_trial, fz_next)
-        return z_next, fz_next
 
     def stats(self, state: BroydenState) -> dict:
         return {"skipped_updates": int(state.skipped.sum()), "line_search_calls": state.ls_calls,

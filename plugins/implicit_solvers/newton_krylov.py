@@ -41,6 +41,7 @@ import implicit
 from implicit.validators import number_in, positive_int
 
 from .krylov import batched_gmres
+from .linesearch import backtrack
 
 SCIPY_METHODS = ("lgmres", "gmres", "bicgstab", "cgs", "minres", "tfqmr")
 # Cap of the Eisenstat–Walker forcing term. Their 0.9 lets slow progress loosen the inner
@@ -115,16 +116,8 @@ class NewtonKrylov(implicit.Solver):
         z_next = z + direction
         fz_next = fn(z_next)
         if self.line_search:
-            step = torch.ones_like(g_norm)
-            for _ in range(4):
-                worse = torch.linalg.vector_norm(fz_next - z_next, dim=1) > (1 - 1e-4 * step) * g_norm
-                if fn.remaining <= 0 or not bool(worse.any()):
-                    break
-                step = torch.where(worse, step / 2, step)
-                trial = z + step[:, None] * direction
-                f_trial = fn(trial)
-                z_next = torch.where(worse[:, None], trial, z_next)
-                fz_next = torch.where(worse[:, None], f_trial, fz_next)
+            z_next, fz_next, _ = backtrack(fn, z, direction, z_next, fz_next, g_norm,
+                                           halvings=4)
             # Newton crawls where the map is not smooth (ReLU kinks): a sample whose backtracked
             # step cut ‖g‖ by less than STALL also tries the fixed-point step z ← f(z) and keeps
             # whichever of the two ends with the smaller residual
