@@ -32,8 +32,8 @@ FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 DOWNLOAD = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
-class MissingData(SystemExit):
-    pass
+class MissingData(FileNotFoundError):
+    """The CIFAR-10 pickles are not where ``--data`` says; the message says what to do."""
 
 
 def find_batches(data: Path) -> Path:

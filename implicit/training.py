@@ -348,9 +348,7 @@ class _EpochBar:
 
     def __init__(self, description: str, total: int, enabled: bool) -> None:
         self.description, self.total, self.enabled = description, total, enabled
-        self.loss = self.correct = self.count = 0.0
-        self.fwd: list[float] = []
-        self.bwd: list[float] = []
+        self.records: list[dict] = []
         self._progress = None
 
     def __enter__(self) -> "_EpochBar":
@@ -368,16 +366,11 @@ class _EpochBar:
         return self
 
     def update(self, record: dict) -> None:
-        self.loss += record["loss"] * record["count"]
-        self.correct += record["correct"]
-        self.count += record["count"]
-        if record["fwd_nfe"] is not None:
-            self.fwd.append(record["fwd_nfe"])
-        if record["bwd_nfe"] is not None:
-            self.bwd.append(record["bwd_nfe"])
+        self.records.append(record)
         if self._progress is not None:
-            stats = (f"loss {self.loss / self.count:.3f}  acc {self.correct / self.count:.3f}"
-                     f"  nfe fwd {_fmt(_mean(self.fwd))} bwd {_fmt(_mean(self.bwd))}")
+            running = _summary(self.records)
+            stats = (f"loss {running['loss']:.3f}  acc {running['accuracy']:.3f}  nfe fwd "
+                     f"{_fmt(running['fwd_nfe'])} bwd {_fmt(running['bwd_nfe'])}")
             self._progress.update(self._task, advance=1, stats=stats)
 
     def __exit__(self, *exc) -> None:

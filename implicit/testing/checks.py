@@ -112,29 +112,36 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
     }
 
 
-def _flat_problem(example: CellExample):
+def _problem(example: CellExample):
+    """``(f, f_flat, spec, z0)``: the example's map on structured and on flat ``(B, n)``
+    states, the state's structure and the initial state."""
     cell, x = example.cell, example.x
     with torch.no_grad():
         u = injection_of(cell, x)
     z0 = example.z0 if example.z0 is not None else init_state_of(cell, x)
     spec = StateSpec.of(z0)
-    return flat_map(lambda z: update_of(cell, z, u), spec), spec, z0
+
+    def f(z):
+        return update_of(cell, z, u)
+
+    return f, flat_map(f, spec), spec, z0
+
+
+def _flat_problem(example: CellExample):
+    _, fn, spec, z0 = _problem(example)
+    return fn, spec, z0
 
 
 def check_solver_contract(registry: Registry, solver: str, example: CellExample, *, tol: float,
                           stop: str, max_iter: int) -> Optional[bool]:
     """Truthful record, budgets, structure, caller's tensors untouched, no graph, determinism,
     and convergence where it is guaranteed. Returns whether every sample converged."""
-    cell, x = example.cell, example.x
-    with torch.no_grad():
-        u = injection_of(cell, x)
-    z0 = example.z0 if example.z0 is not None else init_state_of(cell, x)
+    f, fn, spec, z0 = _problem(example)
     before = [t.clone() for t in _parts(z0)]
     algorithm = registry.make("solver", solver, tol=tol, stop=stop, max_iter=max_iter,
                               policy="ignore")
-    spec = StateSpec.of(z0)
     with torch.no_grad():
-        sol = solve(lambda z: update_of(cell, z, u), z0, solver=algorithm)
+        sol = solve(f, z0, solver=algorithm)
     got = StateSpec.of(sol.z)
     _require(got == spec, f"{solver}: returned state {got.describe()} {got.dtype} on {got.device}"
              f" but the state is {spec.describe()} {spec.dtype} on {spec.device}")
@@ -146,7 +153,6 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
              f"{solver}: n_calls={sol.n_calls} outside [1, max_iter={max_iter}]")
     _require(bool((sol.nfe >= 1).all() and (sol.nfe <= sol.n_calls).all()),
              f"{solver}: nfe {sol.nfe.tolist()} not within [1, n_calls={sol.n_calls}]")
-    fn = flat_map(lambda z: update_of(cell, z, u), spec)
     z = spec.flatten(sol.z)
     with torch.no_grad():
         abs_res, rel_res = residuals(z.double(), fn(z).double())
@@ -158,7 +164,7 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
              f"recomputed {stop} residuals are {recomputed.tolist()} against tol {tol}")
 
     with torch.no_grad():
-        again = solve(lambda z: update_of(cell, z, u), z0, solver=algorithm)
+        again = solve(f, z0, solver=algorithm)
     _require(all(torch.equal(a, b) for a, b in zip(_parts(sol.z), _parts(again.z)))
              and torch.equal(sol.nfe, again.nfe) and torch.equal(sol.converged, again.converged),
              f"{solver}: two solves of the same instance differ (not deterministic)")
@@ -167,9 +173,10 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
     lipschitz = example.lipschitz
     if guaranteed and stop == "abs" and lipschitz is not None and lipschitz < 1:
         with torch.no_grad():
-            flat0 = spec.flatten(z0)
-            r0 = torch.linalg.vector_norm(fn(flat0).double() - flat0.double(), dim=1).max()
-            scale = torch.linalg.vector_norm(fn(flat0).double(), dim=1).max()
+            flat0 = spec.flatten(z0).double()
+            f0 = fn(spec.flatten(z0)).double()
+            r0 = torch.linalg.vector_norm(f0 - flat0, dim=1).max()
+            scale = torch.linalg.vector_norm(f0, dim=1).max()
         floor = 100 * torch.finfo(spec.dtype).eps * max(1.0, float(scale)) / (1 - lipschitz)
         needed = (math.log(tol / float(r0)) / math.log(lipschitz) if r0 > tol else 0) + 1
         if tol >= floor and max_iter >= needed + 1:
