@@ -57,6 +57,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype, batch=args.batch, tol=args.tol, stop=args.stop,
         max_iter=args.max_iter, repeat=repeat, seed=args.seed, quick=args.quick, out=args.out,
         isolate=args.isolate, plots=not args.no_plots, compare=args.compare,
+        malloc=args.malloc,
     )
     try:
         result = run_bench(config)
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a fresh process per combination (default: on for CPU)")
     bench.add_argument("--compare", choices=["torchdeq"],
                        help="also run the workloads through torchdeq (if importable)")
+    bench.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
+                       help="C allocator settings for CPU timings: 'tuned' (default) keeps freed "
+                       "memory instead of returning it and faulting it back in every step (as "
+                       "PyTorch's CPU launcher does with jemalloc); 'system' keeps glibc's")
     bench.set_defaults(func=cmd_bench)
 
     verify_parser = sub.add_parser(

@@ -47,6 +47,13 @@ class Solver(abc.ABC):
     loop, which computes ``g`` for its stopping test anyway, then passes it as ``step(..., g=g)``
     (one pass over the state saved per step: these solvers are memory-bound on large states).
 
+    A solver that computes ``g_next = f(z_next) − z_next`` anyway (Anderson writes it straight
+    into its history) may return it as a fourth element, ``(z_next, fz_next, state, g_next)``;
+    the loop then uses it instead of computing it again. It must be exactly that difference.
+
+    ``release(state)`` is called once when a solve is over (buffers given back to
+    :data:`implicit.workspace.workspace`, say); the state is not used afterwards.
+
     ``check_every``: test "all samples done?" (a host synchronisation) every this many steps;
     default 1 on CPU and 4 on other devices (a few wasted, discarded steps at the end cost less
     than a sync per step).
@@ -78,6 +85,9 @@ class Solver(abc.ABC):
     def stats(self, state: Any) -> dict:
         """Solver-specific telemetry read from the final state (e.g. fallback counts)."""
         return {}
+
+    def release(self, state: Any) -> None:
+        """The solve is over: free what ``state`` holds; default: nothing to do."""
 
 
 class Evaluator:
@@ -182,10 +192,9 @@ def iterate(
             break
         step_index += 1
         calls_before = counted.calls
-        if solver.uses_residual:
-            z_new, fz_new, state = solver.step(counted, z, fz, state, g=g)
-        else:
-            z_new, fz_new, state = solver.step(counted, z, fz, state)
+        out = (solver.step(counted, z, fz, state, g=g) if solver.uses_residual
+               else solver.step(counted, z, fz, state))
+        z_new, fz_new, state = out[:3]
         step_calls = counted.calls - calls_before
         if counted.sample_calls is not None:
             nfe.add_(active.long() * counted.sample_calls)
@@ -193,7 +202,7 @@ def iterate(
         else:
             nfe.add_(active if step_calls == 1 else active.long() * step_calls)
 
-        g_new = fz_new - z_new
+        g_new = out[3] if len(out) == 4 else fz_new - z_new
         abs_new, rel_new = residual_norms(g_new, fz_new)
         metric_new = abs_new if solver.stop == "abs" else rel_new
         finite_new = torch.isfinite(abs_new)
@@ -233,6 +242,7 @@ def iterate(
     codes = codes.to(torch.int8)
     worst = Status.from_code(int(codes.max())) if codes.numel() else Status.CONVERGED
     stats = solver.stats(state)
+    solver.release(state)
     record = Solution(
         z=spec.unflatten(best.z.detach()) if spec is not None else best.z.detach(),
         nfe=nfe,
@@ -261,11 +271,14 @@ def step_block(solver: Solver, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, st
     stay outside, in :func:`iterate`. ``state`` is ``solver.init(z, fz)`` or a previous
     block's."""
     counted = fn if isinstance(fn, Evaluator) else Evaluator(fn, budget=steps * 1_000)
+    g = None
     for _ in range(steps):
         if solver.uses_residual:
-            z, fz, state = solver.step(counted, z, fz, state, g=fz - z)
+            out = solver.step(counted, z, fz, state, g=fz - z if g is None else g)
         else:
-            z, fz, state = solver.step(counted, z, fz, state)
+            out = solver.step(counted, z, fz, state)
+        z, fz, state = out[:3]
+        g = out[3] if len(out) == 4 else None
     return z, fz, state
 
 

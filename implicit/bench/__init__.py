@@ -26,6 +26,7 @@ backward strategy that declare they fit together is measured; third-party plugin
           "floor_ratio",            # fastest forward / (n_calls × fastest cell evaluation),
                                     # the two timed interleaved; "cell_eval_time_s" is the latter
           "peak_memory_bytes", "peak_memory_method",
+          "allocator",              # CPU: the C allocator settings timings ran under (--malloc)
           "grad_rel_error",         # ‖g − g_ref‖ / ‖g_ref‖ over x and all parameters, or null
           "reference": {solver, tol, backward, status, n_calls, backward_status},
           "compare": null | {...}   # with --compare torchdeq
@@ -39,6 +40,9 @@ reference is the same solver in float64 at ``reference_tol`` with a backward dec
 ``exact`` capability. Peak memory is the CUDA allocator's peak over one training step, or on
 CPU the growth of the resident set's high-water mark (reset first via /proc/self/clear_refs on
 Linux; ``ru_maxrss`` elsewhere) over one training step, in a fresh process per combination.
+CPU timings run with glibc's allocator told to keep freed memory (``--malloc tuned``, the
+default; see :mod:`implicit.bench.allocator`), and free memory is handed back to the system
+before the peak-memory step.
 """
 
 from .matrix import build_matrix

@@ -26,6 +26,8 @@ from ..solution import Status
 from ..solver import residuals
 from ..specs import Workload
 from ..state import StateSpec
+from .allocator import configure as configure_malloc
+from .allocator import release_free_memory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -51,6 +53,7 @@ class Combination:
     reference_tol: float = 1e-10
     reference_solver: str = ""  # "" : the matrix's primary solver (see build_matrix)
     memory_only: bool = False  # measure the training step's peak memory and nothing else
+    malloc: str = "tuned"  # C allocator settings on CPU (see implicit.bench.allocator)
 
     @property
     def solver_label(self) -> str:
@@ -206,6 +209,9 @@ def measure(combo: Combination, registry: Optional[Registry] = None) -> dict[str
 
 def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     device = torch.device(combo.device)
+    allocator = None
+    if device.type == "cpu" and not combo.memory_only:
+        allocator = configure_malloc(combo.malloc)
     cell, x, workload = build_problem(registry, combo)
     solver = registry.make(
         "solver", combo.solver, **{**combo.solver_options, "tol": combo.tol, "stop": combo.stop,
@@ -238,6 +244,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         peak_bytes = torch.cuda.max_memory_allocated(device) - base
         peak_method = "cuda max_memory_allocated over one training step"
     else:
+        release_free_memory()  # freed memory kept by the allocator would hide the growth
         with PeakRSS() as peak:
             grad = _grads(layer, x, weight, spec)
         peak_bytes, peak_method = peak.growth, peak.method
@@ -336,6 +343,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "floor_ratio": floor_ratio,
         "peak_memory_bytes": int(peak_bytes),
         "peak_memory_method": peak_method,
+        "allocator": allocator,
         "grad_rel_error": grad_error,
         "grad_cosine": grad_cosine,
         "reference": reference,

@@ -16,6 +16,7 @@ import attrs
 import torch
 
 from ..registry import Registry, get_registry
+from .allocator import MALLOC_MODES
 from .matrix import build_matrix
 from .measure import DTYPES, Combination, measure
 from .report import plot, table, write_json
@@ -41,6 +42,7 @@ class BenchConfig:
     isolate: Optional[bool] = None  # None: a subprocess per combination on CPU
     plots: bool = True
     compare: Optional[str] = None
+    malloc: str = attrs.field(default="tuned", validator=attrs.validators.in_(MALLOC_MODES))
 
     @property
     def isolated(self) -> bool:
@@ -128,7 +130,7 @@ def run_bench(
     template = Combination(
         solver="", cell="", workload="", backward="", device=config.device, dtype=config.dtype,
         batch=config.batch, tol=config.tol, stop=config.stop, max_iter=config.max_iter,
-        repeat=config.repeat, seed=config.seed,
+        repeat=config.repeat, seed=config.seed, malloc=config.malloc,
     )
     combos = build_matrix(
         registry, solvers=config.solvers, cells=config.cells, backwards=config.backwards,

@@ -13,8 +13,10 @@ step. The small solve is ``torch.linalg.solve_ex`` (never raises); a sample whos
 singular or non-finite falls back to a plain damped step from its latest iterate, and the
 fallbacks are counted in ``Solution.stats["fallbacks"]`` (locuslab/deq#20 crashed there).
 
-Histories live in buffers allocated once per solve and written in place, so this solver is not
-``unrollable``. Like every solver, the loop returns each sample's best iterate by residual.
+Histories live in buffers taken once per solve from :data:`implicit.workspace.workspace` (reused
+across solves on CPU) and written in place, so this solver is not ``unrollable``. Each step
+writes ``g = f(x) − x`` of its new iterate straight into the history slot it fills next and
+hands it to the loop, which would otherwise compute it again. Like every solver, the loop returns each sample's best iterate by residual.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import torch
 
 import implicit
 from implicit.validators import number_in, positive_int
+from implicit.workspace import workspace
+
+from .rows import combine, dots
 
 
 def anderson_weights(
@@ -72,8 +77,8 @@ class Anderson(implicit.Solver):
         b, n = z.shape
         # only the first min(count, m) slots are ever read: no need to zero-fill the history
         return AndersonState(
-            Y=z.new_empty(b, self.m, n),
-            G=z.new_empty(b, self.m, n),
+            Y=workspace.empty(b, self.m, n, like=z),
+            G=workspace.empty(b, self.m, n, like=z),
             gram=z.new_empty(b, self.m, self.m),
             count=0,
             fallbacks=torch.zeros(b, dtype=torch.int64, device=z.device),
@@ -83,26 +88,38 @@ class Anderson(implicit.Solver):
         slot = state.count % self.m
         if g is None:
             g = fz - z
+        compiling = torch.compiler.is_compiling()
+        # the previous step wrote g straight into this slot (see below); the loop's masking
+        # may have replaced it by a new tensor since, which is then copied in
+        if compiling or g.data_ptr() != state.G[:, slot].data_ptr():
+            state.G[:, slot] = g
         # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i)
         # x + βg is f(x) itself for β = 1: one pass over the state instead of three
         state.Y[:, slot] = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
-        state.G[:, slot] = g
         state.count += 1
         k = min(state.count, self.m)
-        # (B, k): <g_i, g>, as (1, n) @ (n, k): the (k, n) @ (n, 1) form is a slow gemv on CPU
-        row = torch.bmm(g.unsqueeze(1), state.G[:, :k].transpose(1, 2)).squeeze(1)
+        row = dots(g, state.G[:, :k])  # (B, k): <g_i, g>
         state.gram[:, slot, :k] = row
         state.gram[:, :k, slot] = row
-        if k == 1:
-            z_next = state.Y[:, slot].clone()
+        if k == 1:  # a plain (damped) step; Y's slot is overwritten later, fz never is
+            z_next = fz if self.beta == 1 else state.Y[:, slot].clone()
         else:
             alpha, failed = anderson_weights(state.gram[:, :k, :k], float(self.lam), newest=slot)
             state.fallbacks += failed
-            z_next = torch.bmm(alpha.unsqueeze(1), state.Y[:, :k]).squeeze(1)
-        return z_next, fn(z_next), state
+            z_next = combine(alpha, state.Y[:, :k])
+        fz_next = fn(z_next)
+        if compiling:
+            return z_next, fz_next, state
+        # g_next = f(z_next) − z_next goes straight into the slot the next step fills (its
+        # oldest pair, no longer needed): the loop takes it from here, and no copy is made
+        g_next = torch.sub(fz_next, z_next, out=state.G[:, state.count % self.m])
+        return z_next, fz_next, state, g_next
 
     def stats(self, state: AndersonState) -> dict:
         return {"fallbacks": int(state.fallbacks.sum())}
+
+    def release(self, state: AndersonState) -> None:
+        workspace.give(state.Y, state.G)
 
 
 @implicit.hookimpl

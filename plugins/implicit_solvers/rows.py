@@ -1,0 +1,53 @@
+"""Per-sample products with a history of rows, shared by the quasi-Newton solvers.
+
+Not a plugin (it registers nothing): a helper of the ``implicit_solvers`` family. A history is a
+``(B, k, n)`` tensor: ``k`` rows of length ``n`` for each of ``B`` samples. On large states these
+products are memory-bound (every row streams from DRAM once, as the cell has evicted it from
+cache), so each is written as the call that reads the history once at the best speed measured on
+CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# states of at least this many numbers (batch × per-sample) use the addcmul chain in `combine`
+CHAIN_MIN_NUMEL = 2**16
+
+
+def dots(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(B, k)``: ``<x_b, rows_b,i>``, as ``(1, n) @ (n, k)`` per sample (the ``(k, n) @ (n, 1)``
+    form runs as a slow gemv on CPU, measured ~6 GB/s against ~30 GB/s)."""
+    return torch.bmm(x.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
+
+
+def combine(coeff: torch.Tensor, rows: torch.Tensor, base: Optional[torch.Tensor] = None,
+            base_scale: float = 1.0) -> torch.Tensor:
+    """``base_scale · base + Σ_i coeff_i · rows_i`` per sample (``coeff``: ``(B, k)``;
+    ``base``: ``(B, n)`` or none); a new tensor, the arguments are not touched.
+
+    On large states a chain of ``addcmul_`` (the running sum stays in cache while each row
+    streams in once) beats ``bmm`` of ``(1, k) @ (k, n)``: measured inside the Anderson loop on
+    the ch.4 ResNet state at batch 16, 0.73 ms against 1.1–1.25 ms. For small states one
+    ``bmm`` call costs less than ``k`` calls."""
+    k = rows.shape[1]
+    if base is None and k == 0:
+        return rows.new_zeros(rows.shape[0], rows.shape[2])
+    if k == 0 or rows.shape[0] * rows.shape[2] < CHAIN_MIN_NUMEL:
+        c = coeff.unsqueeze(1)
+        if base is None:
+            return torch.bmm(c, rows).squeeze(1)
+        if k == 0:
+            return base * base_scale
+        return torch.baddbmm(base.unsqueeze(1), c, rows, beta=base_scale).squeeze(1)
+    if base is None:
+        out = rows[:, 0] * coeff[:, :1]
+        first = 1
+    else:
+        out = base * base_scale
+        first = 0
+    for i in range(first, k):
+        out.addcmul_(rows[:, i], coeff[:, i : i + 1])
+    return out
