@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from typing import Optional
 
 MALLOC_MODES = ("tuned", "system")
@@ -31,6 +32,7 @@ _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit (4 MiB · sizeof(l
 _NEVER_TRIM = 2**31 - 1
 
 
+@functools.lru_cache(maxsize=None)
 def _libc() -> Optional[ctypes.CDLL]:
     name = ctypes.util.find_library("c")
     try:
