@@ -9,14 +9,17 @@ The constrained least squares is solved as ``(GGᵀ + λ' I) w = 1, α = w / Σw
 minimiser as the bordered KKT system of the tutorial — with a ridge ``λ' = lam · tr(GGᵀ)/k``
 *relative to the residual scale*: an absolute ridge (the tutorial's 1e-4) dominates GGᵀ once
 residuals are ~1e-2 and stalls the solve near 1e-3. The Gram matrix is updated one row per
-step. The small solve is ``torch.linalg.solve_ex`` (never raises); a sample whose system is
-singular or non-finite falls back to a plain damped step from its latest iterate, and the
-fallbacks are counted in ``Solution.stats["fallbacks"]`` (locuslab/deq#20 crashed there).
+step. The small system is symmetric positive definite when ``lam > 0`` and is solved by a
+non-raising Cholesky factorisation (``torch.linalg.cholesky_ex``); a sample whose system is
+not positive definite or non-finite falls back to a plain damped step from its latest iterate,
+and the fallbacks are counted in ``Solution.stats["fallbacks"]`` (locuslab/deq#20 crashed there).
 
-Histories live in buffers taken once per solve from :data:`implicit.workspace.workspace` (reused
-across solves on CPU) and written in place, so this solver is not ``unrollable``. Each step
-writes ``g = f(x) − x`` of its new iterate straight into the history slot it fills next and
-hands it to the loop, which would otherwise compute it again. Like every solver, the loop returns each sample's best iterate by residual.
+The residual history lives in a buffer taken once per solve from
+:data:`implicit.workspace.workspace` (reused across solves on CPU) and written in place, so this
+solver is not ``unrollable``. Each step writes ``g = f(x) − x`` of its new iterate straight into
+the history slot it fills next and hands it to the loop, which would otherwise compute it again.
+The mixing targets ``x + βg`` are ``f(x)`` itself for ``β = 1``, kept by reference (no copy).
+Like every solver, the loop returns each sample's best iterate by residual.
 """
 
 from __future__ import annotations
@@ -38,24 +41,29 @@ def anderson_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixing weights ``α`` (``(B, k)``, summing to one) from the residual Gram matrix
     ``gram = GGᵀ`` (``(B, k, k)``), and a ``(B,)`` mask of samples whose solve failed (their
-    weights are then all on column ``newest``: a plain step from the latest iterate)."""
+    weights are then all on column ``newest``: a plain step from the latest iterate).
+
+    ``GGᵀ + λ'I`` is symmetric positive definite whenever ``λ' > 0``, so it is solved by a
+    non-raising Cholesky factorisation (``cholesky_ex``), which also reports the systems that are
+    not (``lam = 0`` with linearly dependent residuals, or non-finite entries). These tiny
+    systems cost as many microseconds as they take calls, so this is written in few of them."""
     k = gram.shape[-1]
-    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(torch.finfo(gram.dtype).tiny)
-    system = gram + (lam * scale)[:, None, None] * eye
-    ones = torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
-    w, info = torch.linalg.solve_ex(system, ones)
-    total = w.sum(dim=-1, keepdim=True)
-    alpha = w / total
-    failed = (info != 0) | ~torch.isfinite(alpha).all(dim=-1) | (total.squeeze(-1).abs() == 0)
-    plain = torch.zeros_like(alpha)
-    plain[:, newest] = 1
-    return torch.where(failed[:, None], plain, alpha), failed
+    system = gram.clone()
+    diagonal = system.diagonal(dim1=-2, dim2=-1)
+    scale = diagonal.mean(dim=-1, keepdim=True).clamp_min_(torch.finfo(gram.dtype).tiny)
+    diagonal.add_(scale.mul_(lam))
+    factor, info = torch.linalg.cholesky_ex(system)
+    w = torch.cholesky_solve(torch.ones_like(diagonal).unsqueeze(-1), factor).squeeze(-1)
+    total = w.sum(dim=-1)
+    failed = (info != 0) | ~torch.isfinite(total) | (total == 0)
+    alpha = w.div_(total.unsqueeze(-1)).masked_fill_(failed.unsqueeze(-1), 0.0)
+    alpha[:, newest if newest >= 0 else k + newest] += failed
+    return alpha, failed
 
 
 @attrs.define
 class AndersonState:
-    Y: torch.Tensor  # (B, m, n) mixing targets x_i + β g_i
+    Y: list  # m slots of (B, n) mixing targets x_i + β g_i (None until filled)
     G: torch.Tensor  # (B, m, n) residuals g_i = f(x_i) − x_i
     gram: torch.Tensor  # (B, m, m) G Gᵀ
     count: int  # pairs stored so far
@@ -77,7 +85,7 @@ class Anderson(implicit.Solver):
         b, n = z.shape
         # only the first min(count, m) slots are ever read: no need to zero-fill the history
         return AndersonState(
-            Y=workspace.empty(b, self.m, n, like=z),
+            Y=[None] * self.m,
             G=workspace.empty(b, self.m, n, like=z),
             gram=z.new_empty(b, self.m, self.m),
             count=0,
@@ -93,20 +101,21 @@ class Anderson(implicit.Solver):
         # may have replaced it by a new tensor since, which is then copied in
         if compiling or g.data_ptr() != state.G[:, slot].data_ptr():
             state.G[:, slot] = g
-        # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i)
-        # x + βg is f(x) itself for β = 1: one pass over the state instead of three
-        state.Y[:, slot] = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
+        # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i).
+        # For β = 1 that is f(x) itself, kept by reference: the loop and the cell never write
+        # into a tensor once they have handed it over, so no copy is needed
+        state.Y[slot] = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
         state.count += 1
         k = min(state.count, self.m)
         row = dots(g, state.G[:, :k])  # (B, k): <g_i, g>
         state.gram[:, slot, :k] = row
         state.gram[:, :k, slot] = row
-        if k == 1:  # a plain (damped) step; Y's slot is overwritten later, fz never is
-            z_next = fz if self.beta == 1 else state.Y[:, slot].clone()
+        if k == 1:  # a plain (damped) step
+            z_next = state.Y[slot]
         else:
             alpha, failed = anderson_weights(state.gram[:, :k, :k], float(self.lam), newest=slot)
             state.fallbacks += failed
-            z_next = combine(alpha, state.Y[:, :k])
+            z_next = combine(alpha, state.Y[:k])
         fz_next = fn(z_next)
         if compiling:
             return z_next, fz_next, state
@@ -119,7 +128,7 @@ class Anderson(implicit.Solver):
         return {"fallbacks": int(state.fallbacks.sum())}
 
     def release(self, state: AndersonState) -> None:
-        workspace.give(state.Y, state.G)
+        workspace.give(state.G)
 
 
 @implicit.hookimpl
