@@ -183,6 +183,7 @@ def iterate(
     # divergence is judged against the initial residual: a solver that wanders off from a
     # nearly converged iterate may come back, one whose residual explodes past the start won't
     start_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
+    limit = solver.divergence_factor * start_abs if solver.divergence_factor > 0 else None
     trace = [metric.detach()] if solver.trace else None
     state = solver.init(z, fz)
 
@@ -213,13 +214,13 @@ def iterate(
         else:
             best = best.where(improved, z_new, abs_new, rel_new, metric_new)
 
-        newly_converged = ok & (metric_new <= tol)
-        newly_nonfinite = active & ~finite_new
-        newly_diverged = (
-            ok & ~newly_converged & (abs_new > solver.divergence_factor * start_abs)
-            if solver.divergence_factor > 0
-            else torch.zeros_like(ok)
-        )
+        # the masks below nest (going ⊆ ok ⊆ active), so each split is one xor
+        going = ok & (metric_new > tol)  # still active unless it diverged
+        newly_converged = ok ^ going
+        newly_nonfinite = active ^ ok
+        newly_diverged = going & (abs_new > limit) if limit is not None else None
+        if newly_diverged is not None:
+            going = going ^ newly_diverged
         if trace is not None:
             trace.append(torch.where(active, metric_new, trace[-1]).detach())
 
@@ -230,10 +231,11 @@ def iterate(
             z = torch.where(keep, z_new, z)
             fz = torch.where(keep, fz_new, fz)
             g = torch.where(keep, g_new, g) if solver.uses_residual else None
-        converged = converged | newly_converged
-        nonfinite = nonfinite | newly_nonfinite
-        diverged = diverged | newly_diverged
-        active = active & ~(newly_converged | newly_nonfinite | newly_diverged)
+        converged |= newly_converged
+        nonfinite |= newly_nonfinite
+        if newly_diverged is not None:
+            diverged |= newly_diverged
+        active = going
 
     codes = torch.full_like(nfe, Status.MAX_ITER.code)
     codes = torch.where(diverged, Status.DIVERGED.code, codes)

@@ -7,13 +7,20 @@ secant condition ``B Δg = Δz`` and changes ``B`` least in the direction ``Δz�
 
     B ← B + (Δz − B Δg) Δzᵀ B / (Δzᵀ B Δg)
 
-``B = −I + U Vᵀ`` is kept as ``memory`` rank-one terms per sample; when they are used up the
+``B = −(I + Σ_i a_i w_iᵀ)`` is kept as ``memory`` rank-one terms per sample (rows of ``A`` and
+``W``; written with the sign outside, so that ``−B x = x + Σ_i (w_i·x) a_i`` starts its sum from
+``x`` itself and needs no extra pass over the state); when they are used up the
 approximation restarts from ``B₀ = −I`` (counted in ``stats["restarts"]``). Overwriting the
 oldest term instead, as the deq repo does, leaves a ``B`` that satisfies no secant condition in
-particular, and on stiff cells (the MDEQ fixture of our tests) it blew up near convergence. A sample whose denominator is ~0 skips the update
-(counted in ``Solution.stats["skipped_updates"]``). The optional backtracking line search halves
+particular, and on stiff cells (the MDEQ fixture of our tests) it blew up near convergence. A
+sample whose denominator is ~0 skips the update (counted in ``Solution.stats["skipped_updates"]``). The optional backtracking line search halves
 the step per sample while ``‖g‖`` does not decrease, using at most ``ls_steps`` extra calls of f
 and never more than the remaining budget. The loop returns each sample's best iterate.
+
+Memory traffic per step (the solver is memory-bound on large states): ``−B g`` reads the ``k``
+stored pairs once each, and so does ``Δzᵀ B``. When the loop kept the step just taken (no
+masking, no line-search cut), ``Δz`` is that step, ``Δz − B Δg`` is ``−B g`` again, and the new
+direction is a per-sample multiple of it, so none of these vectors is formed by a separate pass.
 """
 
 from __future__ import annotations
@@ -31,56 +38,100 @@ from .linesearch import backtrack
 from .rows import combine, dots
 
 
+def neg_matvec(A: torch.Tensor, W: torch.Tensor, x: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``−B x = x + Σ_i (w_i·x) a_i`` for ``B = −(I + Σ_i a_i w_iᵀ)`` (rows ``(B, k, n)``)."""
+    return combine(dots(x, W), A, base=x, out=out)
+
+
+def neg_rmatvec(A: torch.Tensor, W: torch.Tensor, x: torch.Tensor,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``−Bᵀ x = x + Σ_i (x·a_i) w_i``, i.e. ``−xᵀ B`` as a ``(B, n)`` tensor."""
+    return combine(dots(x, A), W, base=x, out=out)
+
+
+def matvec(A: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``B x`` for ``B = −(I + Σ_i a_i w_iᵀ)``."""
+    return neg_matvec(A, W, x).neg_()
+
+
+def rmatvec(A: torch.Tensor, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``xᵀ B`` for ``B = −(I + Σ_i a_i w_iᵀ)``, as a ``(B, n)`` tensor."""
+    return neg_rmatvec(A, W, x).neg_()
+
+
 def broyden_update(
-    U: torch.Tensor,
-    VT: torch.Tensor,
+    A: torch.Tensor,
+    W: torch.Tensor,
     used: int,
     slot: int,
     dz: torch.Tensor,
     b_dg: torch.Tensor,
     dg: torch.Tensor,
 ) -> torch.Tensor:
-    """Write the update for ``(Δz, Δg)`` into row ``slot`` of ``U`` and ``VT`` (both
-    ``(B, L, n)``: ``B = −I + Σ_i u_i v_iᵀ``), given ``used`` rows in use and ``b_dg = B Δg``
-    under the current B; return the ``(B,)`` mask of samples that moved but whose update was
-    skipped (denominator ~0)."""
-    vT = rmatvec(U[:, :used], VT[:, :used], dz)  # Δzᵀ B
-    denom = dots(dg, vT.unsqueeze(1))[:, 0]  # batched dot as a (1, n) @ (n, 1) gemm
-    tiny = torch.finfo(dz.dtype).eps * (
-        torch.linalg.vector_norm(vT, dim=1) * torch.linalg.vector_norm(dg, dim=1)
-    )
-    skip = ~(denom.abs() > tiny) | ~torch.isfinite(denom)
-    moved = torch.linalg.vector_norm(dz, dim=1) > 0  # finished samples are frozen: Δz = 0
-    keep = (~skip).to(dz.dtype)
-    safe = torch.where(skip, torch.ones_like(denom), denom)
-    if torch.compiler.is_compiling():  # dynamo cannot trace out= into a strided slice
-        U[:, slot] = (dz - b_dg) * (keep / safe)[:, None]
-        VT[:, slot] = vT * keep[:, None]
-    else:  # eager: write straight into the history (these steps are memory-bound)
-        torch.mul(dz - b_dg, (keep / safe)[:, None], out=U[:, slot])
-        torch.mul(vT, keep[:, None], out=VT[:, slot])
+    """Write the update for ``(Δz, Δg)`` into row ``slot`` of ``A`` and ``W`` (both
+    ``(B, L, n)``: ``B = −(I + Σ_i a_i w_iᵀ)``), given ``used`` rows in use and
+    ``b_dg = B Δg`` under the current B; return the ``(B,)`` mask of samples that moved but
+    whose update was skipped (denominator ~0)."""
+    r = _write_row(W, slot, neg_rmatvec(A[:, :used], W[:, :used], dz, out=_out(W, slot)))
+    skip, moved, _ = secant_row(A, W, slot, dz - b_dg, r, dg)
     return skip & moved
 
 
-def matvec(U: torch.Tensor, VT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``B x`` for ``B = −I + Σ_i u_i v_iᵀ`` (rows of ``U``, ``VT``: ``(B, k, n)``)."""
-    return combine(dots(x, VT), U, base=x, base_scale=-1.0)  # −x + Σ_i (v_i · x) u_i
+def secant_row(A: torch.Tensor, W: torch.Tensor, slot: int, numer: torch.Tensor,
+               r: torch.Tensor, dg: torch.Tensor, step_scale: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Complete the good-Broyden update whose ``w`` row ``r = W[:, slot]`` is already written:
+    ``r = −Bᵀ Δz / c`` (``c = step_scale`` per sample, 1 if none) and ``numer = Δz − B Δg``.
+    Then ``B ← B + (Δz − BΔg) ΔzᵀB / (ΔzᵀBΔg)`` is ``B − a wᵀ`` with ``w = r`` and
+    ``a = −numer / (r·Δg)`` (the scale of ``r`` cancels). Writes ``a`` into ``A[:, slot]``,
+    zeroes both rows of skipped samples, and returns ``(skipped, moved, coef)`` with
+    ``a = coef · numer`` (``coef`` is 0 where skipped)."""
+    denom = dots(dg, r.unsqueeze(1))[:, 0]  # batched dot as a (1, n) @ (n, 1) gemm
+    r_norm = torch.linalg.vector_norm(r, dim=1)
+    if step_scale is not None:  # the true r·Δg and ‖r‖ (c = 0: Δz = 0, nothing to update)
+        denom_true, r_norm = denom * step_scale, r_norm * step_scale.abs()
+    else:
+        denom_true = denom
+    tiny = torch.finfo(r.dtype).eps * r_norm * torch.linalg.vector_norm(dg, dim=1)
+    skip = ~(denom_true.abs() > tiny) | ~torch.isfinite(denom_true)
+    coef = torch.where(skip, torch.zeros_like(denom), -1 / torch.where(skip, 1, denom))
+    if torch.compiler.is_compiling():  # dynamo cannot trace out= into a strided slice
+        A[:, slot] = numer * coef[:, None]
+        W[:, slot] = torch.where(skip[:, None], 0, r)
+    else:  # eager: write straight into the history (these steps are memory-bound)
+        torch.mul(numer, coef[:, None], out=A[:, slot])
+        if r.device.type != "cpu" or bool(skip.any()):  # a host check is free on CPU only
+            W[:, slot].masked_fill_(skip[:, None], 0)
+    return skip, r_norm > 0, coef
 
 
-def rmatvec(U: torch.Tensor, VT: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``xᵀ B`` for ``B = −I + Σ_i u_i v_iᵀ``, as a ``(B, n)`` tensor."""
-    return combine(dots(x, U), VT, base=x, base_scale=-1.0)  # −x + Σ_i (x · u_i) v_i
+def _out(rows: torch.Tensor, slot: int) -> Optional[torch.Tensor]:
+    """``rows[:, slot]`` as an ``out=`` target in eager mode; none while compiling."""
+    return None if torch.compiler.is_compiling() else rows[:, slot]
+
+
+def _write_row(rows: torch.Tensor, slot: int, value: torch.Tensor) -> torch.Tensor:
+    """``rows[:, slot]`` holding ``value`` (already there in eager mode, where ``value`` was
+    written through :func:`_out`)."""
+    if torch.compiler.is_compiling():
+        rows[:, slot] = value
+    return rows[:, slot]
 
 
 @attrs.define
 class BroydenState:
-    U: torch.Tensor  # (B, L, n) rows u_i
-    VT: torch.Tensor  # (B, L, n) rows v_i
+    A: torch.Tensor  # (B, L, n) rows a_i
+    W: torch.Tensor  # (B, L, n) rows w_i
     used: int
     restarts: int
     prev_z: Optional[torch.Tensor]
     prev_g: Optional[torch.Tensor]
-    prev_bg: Optional[torch.Tensor]  # B g at the previous iterate (the B it stepped with)
+    # −B g at the previous iterate under the current B (the step taken) is
+    # prev_s · prev_scale (prev_scale None: 1), kept unmultiplied to save a pass
+    prev_s: Optional[torch.Tensor]
+    prev_scale: Optional[torch.Tensor]
+    stepped_to: Optional[torch.Tensor]  # the z_next returned, when it is the full step
     skipped: torch.Tensor  # (B,) int64
     ls_calls: int
 
@@ -100,13 +151,15 @@ class Broyden(implicit.Solver):
         b, n = z.shape
         return BroydenState(
             # rows beyond `used` are never read; the buffers are reused across solves on CPU
-            U=workspace.empty(b, self.memory, n, like=z),
-            VT=workspace.empty(b, self.memory, n, like=z),
+            A=workspace.empty(b, self.memory, n, like=z),
+            W=workspace.empty(b, self.memory, n, like=z),
             used=0,
             restarts=0,
             prev_z=None,
             prev_g=None,
-            prev_bg=None,
+            prev_s=None,
+            prev_scale=None,
+            stepped_to=None,
             skipped=torch.zeros(b, dtype=torch.int64, device=z.device),
             ls_calls=0,
         )
@@ -117,27 +170,46 @@ class Broyden(implicit.Solver):
         if state.used == self.memory:  # memory full: restart from B = −I
             state.used = 0
             state.restarts += 1
-            state.prev_z = None
-        b_g = matvec(state.U[:, : state.used], state.VT[:, : state.used], g)  # B g, current B
-        if state.prev_z is not None:
-            # B Δg = B g − B g_prev under the current B: no second pass over the history
-            slot = state.used
-            dz, dg = z - state.prev_z, g - state.prev_g
-            skip = broyden_update(state.U, state.VT, state.used, slot, dz,
-                                  b_g - state.prev_bg, dg)
-            state.skipped += skip
+            state.prev_g = None
+        used = state.used
+        A, W = state.A[:, :used], state.W[:, :used]
+        s = neg_matvec(A, W, g) if used else g  # −B g under the current B
+        scale = None  # the new direction −B_new g is s · scale (None: 1)
+        if state.prev_g is not None:
+            slot = used
+            dg = g - state.prev_g
+            if state.stepped_to is not None and z is state.stepped_to:
+                # the loop kept our full step Δz = prev_s · prev_scale: then −BᵀΔz is
+                # prev_scale · (−Bᵀ prev_s), and Δz − BΔg = Δz + s − Δz = s
+                r = neg_rmatvec(A, W, state.prev_s, out=state.W[:, slot])
+                numer, step_scale = s, state.prev_scale
+            else:  # masked samples or a line-search cut: form Δz and Δz − BΔg
+                dz = z - state.prev_z
+                r = _write_row(state.W, slot, neg_rmatvec(A, W, dz, out=_out(state.W, slot)))
+                taken = state.prev_s if state.prev_scale is None else (
+                    state.prev_s * state.prev_scale[:, None])
+                numer, step_scale = dz + s - taken, None
+            skip, moved, coef = secant_row(state.A, state.W, slot, numer, r, dg, step_scale)
+            state.skipped += skip & moved
             state.used += 1
-            # B_new g = B g + u (vᵀ g)
-            coeff = dots(g, state.VT[:, slot : slot + 1])[:, 0]
-            b_g = torch.addcmul(b_g, state.U[:, slot], coeff[:, None])
-        state.prev_z, state.prev_g, state.prev_bg = z, g, b_g
-        z_next = z - b_g  # the quasi-Newton step −B g
+            # B_new = B − a wᵀ, so −B_new g = s + (w·g) a = s + (r·g) coef · numer
+            gain = torch.where(skip, torch.zeros_like(coef), dots(g, r.unsqueeze(1))[:, 0] * coef)
+            if numer is s:
+                scale = 1 + gain
+            else:
+                s = torch.addcmul(s, numer, gain[:, None])
+        state.prev_z, state.prev_g, state.prev_s, state.prev_scale = z, g, s, scale
+        z_next = z + s if scale is None else torch.addcmul(z, s, scale[:, None])
         fz_next = fn(z_next)
+        full_step = z_next
         if self.line_search:
-            z_next, fz_next, calls = backtrack(fn, z, -b_g, z_next, fz_next,
+            direction = s if scale is None else s * scale[:, None]
+            z_next, fz_next, calls = backtrack(fn, z, direction, z_next, fz_next,
                                                torch.linalg.vector_norm(g, dim=1),
                                                halvings=self.ls_steps)
             state.ls_calls += calls
+        compiling = torch.compiler.is_compiling()
+        state.stepped_to = z_next if (z_next is full_step and not compiling) else None
         return z_next, fz_next, state
 
     def stats(self, state: BroydenState) -> dict:
@@ -145,7 +217,7 @@ class Broyden(implicit.Solver):
                 "restarts": state.restarts}
 
     def release(self, state: BroydenState) -> None:
-        workspace.give(state.U, state.VT)
+        workspace.give(state.A, state.W)
 
 
 @implicit.hookimpl

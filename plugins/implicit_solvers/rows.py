@@ -24,38 +24,46 @@ def dots(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def combine(coeff: torch.Tensor, rows: Union[torch.Tensor, Sequence[torch.Tensor]],
-            base: Optional[torch.Tensor] = None, base_scale: float = 1.0) -> torch.Tensor:
+            base: Optional[torch.Tensor] = None, base_scale: float = 1.0,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``base_scale · base + Σ_i coeff_i · rows_i`` per sample (``coeff``: ``(B, k)``; ``rows``:
     a ``(B, k, n)`` history or a sequence of ``k`` ``(B, n)`` rows; ``base``: ``(B, n)`` or
-    none); a new tensor, the arguments are not touched.
+    none). The arguments are not touched; the result is a new tensor, or is written into ``out``
+    (a ``(B, n)`` tensor, e.g. a history row, not overlapping the arguments) and returned.
 
-    On large states a chain of ``addcmul_`` (the running sum stays in cache while each row
-    streams in once) beats ``bmm`` of ``(1, k) @ (k, n)``: measured inside the Anderson loop on
-    the ch.4 ResNet state at batch 16, 0.73 ms against 1.1–1.25 ms. For small states one
-    ``bmm`` call costs less than ``k`` calls."""
+    On large states a chain of ``addcmul`` (the running sum stays in cache while each row
+    streams in once; with ``base_scale = 1`` the first link reads the base) beats ``bmm`` of
+    ``(1, k) @ (k, n)``: measured inside the Anderson loop on the ch.4 ResNet state at batch
+    16, 0.73 ms against 1.1–1.25 ms. For small states one ``bmm`` call costs less than ``k``
+    calls."""
     k = coeff.shape[1]
     if k == 0:
         if base is not None:
-            return base * base_scale
-        if isinstance(rows, torch.Tensor):
-            return rows.new_zeros(rows.shape[0], rows.shape[2])
-        raise ValueError("combine of no rows needs a base (the shape of the result)")
+            result = base * base_scale
+        elif isinstance(rows, torch.Tensor):
+            result = rows.new_zeros(rows.shape[0], rows.shape[2])
+        else:
+            raise ValueError("combine of no rows needs a base (the shape of the result)")
+        return result if out is None else out.copy_(result)
     first_row = _row(rows, 0)
     if first_row.numel() < CHAIN_MIN_NUMEL:
         stacked = rows if isinstance(rows, torch.Tensor) else torch.stack(list(rows), dim=1)
         c = coeff.unsqueeze(1)
         if base is None:
-            return torch.bmm(c, stacked).squeeze(1)
-        return torch.baddbmm(base.unsqueeze(1), c, stacked, beta=base_scale).squeeze(1)
+            result = torch.bmm(c, stacked).squeeze(1)
+        else:
+            result = torch.baddbmm(base.unsqueeze(1), c, stacked, beta=base_scale).squeeze(1)
+        return result if out is None else out.copy_(result)
     if base is None:
-        out = first_row * coeff[:, :1]
-        first = 1
+        result = torch.mul(first_row, coeff[:, :1], out=out)
+    elif base_scale == 1:
+        result = torch.addcmul(base, first_row, coeff[:, :1], out=out)
     else:
-        out = base * base_scale
-        first = 0
-    for i in range(first, k):
-        out.addcmul_(_row(rows, i), coeff[:, i : i + 1])
-    return out
+        result = torch.mul(base, base_scale, out=out)
+        result.addcmul_(first_row, coeff[:, :1])
+    for i in range(1, k):
+        result.addcmul_(_row(rows, i), coeff[:, i : i + 1])
+    return result
 
 
 def _row(rows: Union[torch.Tensor, Sequence[torch.Tensor]], i: int) -> torch.Tensor:
