@@ -46,6 +46,10 @@ def _worker(rank: int, port: int, backward: str, out: str) -> None:
         loss = nn.functional.mse_loss(model(x[shard]), y[shard])
         loss.backward()  # DDP averages the gradients over ranks
         torch.save(_grads(model.module), os.path.join(out, f"rank{rank}.pt"))
+        # leave together: a rank tearing gloo down while its peer still holds the connection
+        # was seen to abort the peer ("terminate called without an active exception") on a
+        # loaded CI machine
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
