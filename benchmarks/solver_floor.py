@@ -12,6 +12,9 @@ process on one workload (default: the ch.4 ResNet cell at batch 16), the ratios 
   and the mix read one each). Its ratio, ``1 + time outside f / cell``, bounds what any
   implementation of Anderson ``m`` can reach on this machine with this cell: it measures in
   place what the cell's evaluation in between leaves of the caches;
+* ``tutorial-style``: Anderson ``m`` with the structure of the tutorial's chapter 4 code
+  (histories of iterates and f-values, the residual Gram matrix formed anew each step, the
+  bordered system, both histories mixed, a ``.item()`` residual each step), for comparison;
 * ``bare anderson``: the least work an Anderson step with history ``m`` must do, written
   inline with no stopping test, masking, telemetry or best-iterate tracking: the residual into
   the history, the f(x) row, one Gram row, the ``m × m`` solve and the mix. It reads the two
@@ -91,6 +94,36 @@ def main() -> None:
         for _ in range(steps):
             z = f(z)
 
+    X_hist = flat0.new_zeros(b, m, n)
+    F_hist = flat0.new_zeros(b, m, n)
+    kkt = flat0.new_zeros(b, m + 1, m + 1)
+    kkt[:, 0, 1:] = 1
+    kkt[:, 1:, 0] = 1
+    rhs = flat0.new_zeros(b, m + 1, 1)
+    rhs[:, 0] = 1
+
+    def tutorial_anderson() -> None:
+        """Anderson as the tutorial's chapter 4 writes it (our own code, same structure): the
+        iterates and f-values in two m-row histories, the residuals and their whole Gram matrix
+        formed anew each step, the bordered system with an absolute ridge, both histories mixed
+        by ``bmm`` whatever β, and the whole-batch residual read back with ``.item()`` each step."""
+        X_hist[:, 0], F_hist[:, 0] = flat0, f(flat0)
+        X_hist[:, 1], F_hist[:, 1] = F_hist[:, 0], f(F_hist[:, 0])
+        beta, lam = 1.0, 1e-4
+        for k in range(2, steps):
+            used = min(k, m)
+            res_rows = F_hist[:, :used] - X_hist[:, :used]
+            eye = torch.eye(used, dtype=flat0.dtype)[None]
+            kkt[:, 1:used + 1, 1:used + 1] = torch.bmm(res_rows, res_rows.transpose(1, 2)) + lam * eye
+            alpha = torch.linalg.solve(kkt[:, :used + 1, :used + 1], rhs[:, :used + 1])[:, 1:, 0]
+            mix = alpha[:, None]
+            X_hist[:, k % m] = (beta * torch.bmm(mix, F_hist[:, :used])[:, 0]
+                                + (1 - beta) * torch.bmm(mix, X_hist[:, :used])[:, 0])
+            F_hist[:, k % m] = f(X_hist[:, k % m])
+            residual = ((F_hist[:, k % m] - X_hist[:, k % m]).norm().item()
+                        / (1e-5 + F_hist[:, k % m].norm().item()))
+            assert residual == residual  # read, as the tutorial's stopping test does
+
     def bare_anderson() -> None:
         z = flat0
         fz = f(z)
@@ -137,14 +170,17 @@ def main() -> None:
         inside[0] += time.perf_counter() - start
         return out
 
-    times: dict[str, list[float]] = {"cell": [], "chained cell": [], "bare anderson": []}
+    times: dict[str, list[float]] = {"cell": [], "chained cell": [], "bare anderson": [],
+                                     "tutorial-style": []}
     outside: dict[str, list[float]] = {}
-    calls: dict[str, int] = {"chained cell": steps, "bare anderson": steps}
+    calls: dict[str, int] = {"chained cell": steps, "bare anderson": steps,
+                             "tutorial-style": steps}
     with torch.no_grad():
         for _ in range(2):  # warm-up
             f(flat0)
             chained()
             bare_anderson()
+            tutorial_anderson()
             passes()
             for layer in layers.values():
                 layer(x)
@@ -152,6 +188,7 @@ def main() -> None:
             times["cell"] += [_time(lambda: f(flat0)) for _ in range(5)]
             times["chained cell"].append(_time(chained))
             times["bare anderson"].append(_time(bare_anderson))
+            times["tutorial-style"].append(_time(tutorial_anderson))
             outside.setdefault("least passes", []).append(passes())
             for name, layer in layers.items():
                 inside[0] = 0.0
@@ -177,8 +214,8 @@ def main() -> None:
     print(f"{'':16s} {'calls':>5s} {'floor ratio':>11s} {'ms/step outside f':>18s}")
     times["least passes"] = [(cell_s + min(outside["least passes"])) * steps]
     calls["least passes"] = steps
-    for name in ("chained cell", "least passes", "bare anderson", "forward", "anderson",
-                 "broyden"):
+    for name in ("chained cell", "least passes", "bare anderson", "tutorial-style", "forward",
+                 "anderson", "broyden"):
         ratio = min(times[name]) / (calls[name] * cell_s)
         extra = f"{min(outside[name]) * 1e3:18.2f}" if name in outside else f"{'':18s}"
         print(f"{name:16s} {calls[name]:5d} {ratio:11.3f} {extra}")
