@@ -17,6 +17,7 @@ Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apa
 from __future__ import annotations
 
 import abc
+import weakref
 from typing import Any, Callable, ClassVar, Optional
 
 import attrs
@@ -104,6 +105,8 @@ class Evaluator:
         # A solver whose samples make different numbers of calls within one step (per-sample
         # scipy solves) sets this (B,) tensor for the step; the loop then counts nfe from it.
         self.sample_calls: Optional[torch.Tensor] = None
+        self._last: Optional[weakref.ref] = None  # the latest value of f, while it is alive
+        self._last_version: Optional[int] = None
 
     @property
     def remaining(self) -> int:
@@ -111,6 +114,8 @@ class Evaluator:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        checked = not torch.compiler.is_compiling()
+        version = _version_of(z) if checked else None
         out = self.fn(z)
         if not isinstance(out, torch.Tensor) or out.shape != z.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -118,7 +123,30 @@ class Evaluator:
                 f"f returned shape {shape} for an iterate of shape {tuple(z.shape)}; "
                 "f must map a state to a state of the same shape"
             )
+        if checked:
+            self._check_no_writes(z, version, out)
         return out
+
+    def _check_no_writes(self, z: torch.Tensor, version: Optional[int],
+                         out: torch.Tensor) -> None:
+        """Solvers keep earlier iterates and values of f by reference (Anderson's history, the
+        best iterate), so f writing into either would silently corrupt the solve: detected by
+        the tensors' version counters (bumped by every in-place write; inference-mode tensors
+        have none and are not checked)."""
+        advice = ("solvers keep earlier iterates and values of f by reference, so f (the cell's "
+                  "update) must return new tensors: use out-of-place operations")
+        if version is not None and _version_of(z) != version:
+            raise ValueError(f"f wrote in place into the iterate it was given; {advice}")
+        last = self._last() if self._last is not None else None
+        if last is not None and _version_of(last) != self._last_version:
+            raise ValueError("f wrote into a tensor it returned on an earlier call (an output "
+                             f"buffer reused across calls); {advice}")
+        self._last, self._last_version = weakref.ref(out), _version_of(out)
+
+
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by in-place writes); None for inference-mode tensors."""
+    return None if t.is_inference() else t._version
 
 
 def residuals(z: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

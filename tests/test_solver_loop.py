@@ -111,6 +111,33 @@ def test_caller_tensors_are_not_mutated_and_no_graph(solver_name):
     assert not sol.z.requires_grad and sol.z.grad_fn is None
 
 
+def test_map_writing_into_its_iterate_is_a_clear_error(solver_name):
+    # solvers keep earlier iterates by reference: an in-place update would corrupt them silently
+    def fn(z):
+        z.mul_(0.5)
+        return z + 1
+
+    with pytest.raises(ValueError, match="wrote in place into the iterate it was given"):
+        implicit.solve(fn, torch.zeros(2, 3, dtype=torch.float64), solver=solver_name,
+                       max_iter=20, policy="ignore")
+
+
+def test_map_reusing_an_output_buffer_is_a_clear_error():
+    buffer = torch.zeros(2, 3, dtype=torch.float64)
+
+    def fn(z):  # Broyden never hands f's value back as the next iterate: the second check
+        return torch.mul(z, 0.5, out=buffer).add_(1)
+
+    with pytest.raises(ValueError, match="returned on an earlier call"):
+        implicit.solve(fn, torch.zeros(2, 3, dtype=torch.float64), solver="broyden",
+                       max_iter=20, policy="ignore")
+    # inference-mode tensors have no version counter: the checks stand aside, the solve runs
+    with torch.inference_mode():
+        sol = implicit.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64),
+                             solver="anderson", tol=1e-10, stop="abs", max_iter=50)
+    assert sol.all_converged
+
+
 def test_tuple_state_solves():
     a = torch.tensor(0.5, dtype=torch.float64)
 
