@@ -55,7 +55,8 @@ class Workspace:
         """Return buffers that nothing will read again (CPU ones are kept for reuse)."""
         with self._lock:
             for buffer in buffers:
-                if (buffer.device.type != "cpu" or buffer.requires_grad
+                # an inference-mode tensor cannot be written outside inference mode: not kept
+                if (buffer.device.type != "cpu" or buffer.requires_grad or buffer.is_inference()
                         or _nbytes(buffer) > self.max_bytes):
                     continue
                 self._free[id(buffer)] = buffer

@@ -43,6 +43,20 @@ def test_workspace_is_bounded_and_clearable():
     assert pool.held_bytes == 0
 
 
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_a_solve_under_inference_mode_leaves_no_inference_buffer_behind(solver):
+    # inference-mode tensors cannot be written outside inference mode: were one pooled, the
+    # next ordinary solve of that shape would fail writing its history
+    fn = _contraction(3, 16, seed=4)
+    kw = dict(solver=solver, tol=1e-10, stop="abs", max_iter=60)
+    workspace.clear()
+    with torch.inference_mode():
+        inside = implicit.solve(fn, torch.zeros(3, 16, dtype=D64), **kw)
+    outside = implicit.solve(fn, torch.zeros(3, 16, dtype=D64), **kw)
+    assert inside.all_converged and outside.all_converged
+    torch.testing.assert_close(outside.z, inside.z.clone())
+
+
 def _contraction(b: int, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, n, generator=gen, dtype=D64) / n**0.5

@@ -18,13 +18,14 @@ The residual history lives in a buffer taken once per solve from
 :data:`implicit.workspace.workspace` (reused across solves on CPU) and written in place, so this
 solver is not ``unrollable``. Each step writes ``g = f(x) − x`` of its new iterate straight into
 the history slot it fills next and hands it to the loop, which would otherwise compute it again.
-The mixing targets ``x + βg`` are ``f(x)`` itself for ``β = 1``, kept by reference (no copy).
+The mixing targets ``x + βg`` are ``f(x)`` itself for ``β = 1``, kept by reference on large
+states (no copy).
 Like every solver, the loop returns each sample's best iterate by residual.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Union
 
 import attrs
 import torch
@@ -33,7 +34,7 @@ import implicit
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
-from .rows import combine, dots
+from .rows import CHAIN_MIN_NUMEL, combine, dots
 
 
 def anderson_weights(
@@ -47,23 +48,28 @@ def anderson_weights(
     non-raising Cholesky factorisation (``cholesky_ex``), which also reports the systems that are
     not (``lam = 0`` with linearly dependent residuals, or non-finite entries). These tiny
     systems cost as many microseconds as they take calls, so this is written in few of them."""
-    k = gram.shape[-1]
+    b, k = gram.shape[:2]
     system = gram.clone()
     diagonal = system.diagonal(dim1=-2, dim2=-1)
-    scale = diagonal.mean(dim=-1, keepdim=True).clamp_min_(torch.finfo(gram.dtype).tiny)
-    diagonal.add_(scale.mul_(lam))
+    trace = diagonal.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(gram.dtype).tiny)
+    diagonal.add_(trace, alpha=lam / k)  # λ' = lam · tr(GGᵀ)/k
     factor, info = torch.linalg.cholesky_ex(system)
-    w = torch.cholesky_solve(torch.ones_like(diagonal).unsqueeze(-1), factor).squeeze(-1)
-    total = w.sum(dim=-1)
-    failed = (info != 0) | ~torch.isfinite(total) | (total == 0)
-    alpha = w.div_(total.unsqueeze(-1)).masked_fill_(failed.unsqueeze(-1), 0.0)
-    alpha[:, newest if newest >= 0 else k + newest] += failed
+    w = torch.cholesky_solve(system.new_ones(b, k, 1), factor).squeeze(-1)
+    alpha = w.div_(w.sum(dim=-1, keepdim=True))
+    # a zero, infinite or NaN sum of w leaves a non-finite α, whose sum then is non-finite too
+    failed = (info != 0) | ~torch.isfinite(alpha.sum(dim=-1))
+    # (a host check is free on CPU and spares the fix-up there when nothing failed)
+    if gram.device.type != "cpu" or torch.compiler.is_compiling() or bool(failed.any()):
+        alpha.masked_fill_(failed.unsqueeze(-1), 0.0)
+        alpha[:, newest if newest >= 0 else k + newest] += failed
     return alpha, failed
 
 
 @attrs.define
 class AndersonState:
-    Y: list  # m slots of (B, n) mixing targets x_i + β g_i (None until filled)
+    # mixing targets x_i + β g_i: m slots of (B, n) tensors kept by reference (None until
+    # filled), or on small states a (B, m, n) buffer they are copied into (see `init`)
+    Y: Union[list, torch.Tensor]
     G: torch.Tensor  # (B, m, n) residuals g_i = f(x_i) − x_i
     gram: torch.Tensor  # (B, m, m) G Gᵀ
     count: int  # pairs stored so far
@@ -83,9 +89,12 @@ class Anderson(implicit.Solver):
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> AndersonState:
         b, n = z.shape
-        # only the first min(count, m) slots are ever read: no need to zero-fill the history
+        # only the first min(count, m) slots are ever read: no need to zero-fill the history.
+        # Large states keep their f(x) rows by reference (no copy); on small ones the per-call
+        # cost dominates, and one copy into a buffer beats stacking the rows for each mix
+        small = b * n < CHAIN_MIN_NUMEL
         return AndersonState(
-            Y=[None] * self.m,
+            Y=workspace.empty(b, self.m, n, like=z) if small else [None] * self.m,
             G=workspace.empty(b, self.m, n, like=z),
             gram=z.new_empty(b, self.m, self.m),
             count=0,
@@ -104,18 +113,23 @@ class Anderson(implicit.Solver):
         # storing x + βg (not x) makes the mix one pass over the history: Σ α_i (x_i + β g_i).
         # For β = 1 that is f(x) itself, kept by reference: the loop and the cell never write
         # into a tensor once they have handed it over, so no copy is needed
-        state.Y[slot] = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
+        target = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
+        stacked = isinstance(state.Y, torch.Tensor)
+        if stacked:
+            state.Y[:, slot] = target
+        else:
+            state.Y[slot] = target
         state.count += 1
         k = min(state.count, self.m)
         row = dots(g, state.G[:, :k])  # (B, k): <g_i, g>
         state.gram[:, slot, :k] = row
         state.gram[:, :k, slot] = row
         if k == 1:  # a plain (damped) step
-            z_next = state.Y[slot]
+            z_next = target
         else:
             alpha, failed = anderson_weights(state.gram[:, :k, :k], float(self.lam), newest=slot)
             state.fallbacks += failed
-            z_next = combine(alpha, state.Y[:k])
+            z_next = combine(alpha, state.Y[:, :k] if stacked else state.Y[:k])
         fz_next = fn(z_next)
         if compiling:
             return z_next, fz_next, state
@@ -128,7 +142,7 @@ class Anderson(implicit.Solver):
         return {"fallbacks": int(state.fallbacks.sum())}
 
     def release(self, state: AndersonState) -> None:
-        workspace.give(state.G)
+        workspace.give(state.G, *([state.Y] if isinstance(state.Y, torch.Tensor) else []))
 
 
 @implicit.hookimpl
