@@ -114,7 +114,8 @@ def main() -> None:
             used = min(k, m)
             res_rows = F_hist[:, :used] - X_hist[:, :used]
             eye = torch.eye(used, dtype=flat0.dtype)[None]
-            kkt[:, 1:used + 1, 1:used + 1] = torch.bmm(res_rows, res_rows.transpose(1, 2)) + lam * eye
+            gram_rows = torch.bmm(res_rows, res_rows.transpose(1, 2))
+            kkt[:, 1:used + 1, 1:used + 1] = gram_rows + lam * eye
             alpha = torch.linalg.solve(kkt[:, :used + 1, :used + 1], rhs[:, :used + 1])[:, 1:, 0]
             mix = alpha[:, None]
             X_hist[:, k % m] = (beta * torch.bmm(mix, F_hist[:, :used])[:, 0]

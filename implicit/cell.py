@@ -10,8 +10,9 @@ iteration (Kolter, Duvenaud & Johnson, "Deep Implicit Layers", ch. 4: precompute
 States may be a tensor or a tuple/list of tensors (multiscale cells); dimension 0 is the batch.
 An update returns new tensors: it must not write into its input ``z`` nor hand back a buffer it
 reuses on the next call, because solvers keep earlier states and values of f by reference
-(Anderson's history of f values, the best iterate so far). Any plain ``nn.Module`` whose ``forward(z, x)`` returns the next state is accepted by
-:class:`implicit.DEQ` too: its injection is ``x`` itself.
+(Anderson's history of f values, the best iterate so far); outside inference mode the solver
+loop raises a ``ValueError`` when it sees either. Any plain ``nn.Module`` whose ``forward(z, x)`` returns the
+next state is accepted by :class:`implicit.DEQ` too: its injection is ``x`` itself.
 """
 
 from __future__ import annotations

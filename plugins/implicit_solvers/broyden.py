@@ -13,9 +13,10 @@ secant condition ``B Δg = Δz`` and changes ``B`` least in the direction ``Δz�
 approximation restarts from ``B₀ = −I`` (counted in ``stats["restarts"]``). Overwriting the
 oldest term instead, as the deq repo does, leaves a ``B`` that satisfies no secant condition in
 particular, and on stiff cells (the MDEQ fixture of our tests) it blew up near convergence. A
-sample whose denominator is ~0 skips the update (counted in ``Solution.stats["skipped_updates"]``). The optional backtracking line search halves
-the step per sample while ``‖g‖`` does not decrease, using at most ``ls_steps`` extra calls of f
-and never more than the remaining budget. The loop returns each sample's best iterate.
+sample whose denominator is ~0 skips the update (counted in
+``Solution.stats["skipped_updates"]``). The optional backtracking line search halves the step
+per sample while ``‖g‖`` does not decrease, using at most ``ls_steps`` extra calls of f and
+never more than the remaining budget. The loop returns each sample's best iterate.
 
 Memory traffic per step (the solver is memory-bound on large states): ``−B g`` reads the ``k``
 stored pairs once each, and so does ``Δzᵀ B``. When the loop kept the step just taken (no
