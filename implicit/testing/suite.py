@@ -15,14 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from implicit.registry import use_registry
-from implicit.testing.checks import (
-    check_adjoint,
-    check_batch_rows,
-    check_gradient_contract,
-    check_no_leak,
-    check_nonfinite,
-    check_solver_contract,
-)
+from implicit.testing import checks
 
 #: examples per case: ``IMPLICIT_VERIFY_MAX_EXAMPLES`` (``implicit verify --max-examples``), else
 #: the profile ``IMPLICIT_VERIFY_PROFILE``: ``ci`` (default, 10) or ``nightly`` (100)
@@ -60,10 +53,10 @@ def test_solver_contract(contract_solver_case, data):
         tol = data.draw(st.sampled_from(tols), label="tol")
         stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
         max_iter = data.draw(st.integers(1, 60), label="max_iter")
-        converged = check_solver_contract(case.registry, case.solver, example, tol=tol,
-                                          stop=stop, max_iter=max_iter)
+        converged = checks.check_solver_contract(case.registry, case.solver, example, tol=tol,
+                                                 stop=stop, max_iter=max_iter)
         event(f"{case}: {'all converged' if converged else 'not all converged'}")
-        check_nonfinite(case.registry, case.solver, example, case.batch_independent)
+        checks.check_nonfinite(case.registry, case.solver, example, case.batch_independent)
 
 
 @settings(VERIFY, max_examples=_few(3))
@@ -71,7 +64,7 @@ def test_solver_contract(contract_solver_case, data):
 def test_batch_rows_match_solving_alone(contract_batch_rows_case, data):
     case = contract_batch_rows_case
     with use_registry(case.registry):  # plugin names resolve in the case's registry
-        check_batch_rows(case.registry, case.solver, case.example(data.draw, torch.float64))
+        checks.check_batch_rows(case.registry, case.solver, case.example(data.draw, torch.float64))
 
 
 @settings(VERIFY, max_examples=_few(4))
@@ -79,8 +72,8 @@ def test_batch_rows_match_solving_alone(contract_batch_rows_case, data):
 def test_gradient_contract(contract_gradient_case, data):
     case = contract_gradient_case
     with use_registry(case.registry):  # plugin names resolve in the case's registry
-        check_gradient_contract(case.registry, case.backward, case.solver,
-                                case.example(data.draw, torch.float64))
+        checks.check_gradient_contract(case.registry, case.backward, case.solver,
+                                       case.example(data.draw, torch.float64))
 
 
 @settings(VERIFY, max_examples=_few(2))
@@ -88,8 +81,9 @@ def test_gradient_contract(contract_gradient_case, data):
 def test_adjoint_solver_contract(contract_adjoint_case, data):
     case = contract_adjoint_case
     with use_registry(case.registry):  # plugin names resolve in the case's registry
-        error = check_adjoint(case.registry, case.backward, case.solver,
-                              case.example(data.draw, torch.float64), adjoint=case.adjoint)
+        error = checks.check_adjoint(case.registry, case.backward, case.solver,
+                                     case.example(data.draw, torch.float64),
+                                     adjoint=case.adjoint)
         event(f"{case}: " + ("checked" if error is not None
                              else "no claim (a solve did not converge)"))
 
@@ -99,5 +93,5 @@ def test_adjoint_solver_contract(contract_adjoint_case, data):
 def test_no_leak_over_50_steps(contract_leak_case, data):
     case = contract_leak_case
     with use_registry(case.registry):  # plugin names resolve in the case's registry
-        check_no_leak(case.registry, case.backward, case.solver,
-                      case.example(data.draw, torch.float64), steps=50)
+        checks.check_no_leak(case.registry, case.backward, case.solver,
+                             case.example(data.draw, torch.float64), steps=50)
