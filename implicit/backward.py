@@ -34,6 +34,9 @@ class Problem:
         what: names the solve in warnings and errors.
         on_backward_solution: called with the record of any solve made during backward
             (e.g. the IFT adjoint solve), so the layer can expose it.
+        training: the layer is in training mode. A strategy may then form a regularised
+            gradient that it documents (``ift``'s ``damping``); outside training it forms the
+            gradient its name promises.
     """
 
     fn: FlatFn
@@ -43,6 +46,7 @@ class Problem:
     spec: Optional[StateSpec] = None
     what: str = "DEQ forward solve"
     on_backward_solution: Optional[Callable[[Solution], None]] = None
+    training: bool = False
 
     @property
     def requires_grad(self) -> bool:
@@ -61,6 +65,12 @@ class BackwardStrategy(abc.ABC):
     """Base class of backward strategies (``@attrs.frozen(kw_only=True)`` subclasses)."""
 
     name: ClassVar[str] = "backward"
+
+    @property
+    def regularises_in_training(self) -> bool:
+        """Whether, in training, this strategy forms a regularised gradient instead of the one
+        its capabilities promise (``ift`` with ``damping > 0``); default False."""
+        return False
 
     @staticmethod
     def solve_without_graph(problem: Problem, solver: Solver) -> FlatResult:

@@ -28,6 +28,7 @@ from .validators import (check_value, nonnegative_int, nonnegative_number, numbe
                          positive_int)
 
 _LOOP_OPTIONS = ("tol", "max_iter", "stop", "policy")
+READOUTS = ("state", "step")
 
 
 def resolve_solver(solver: str | Solver, options: Optional[Mapping[str, Any]] = None,
@@ -245,6 +246,13 @@ class DEQ(nn.Module):
             ``‖J_f(z*)‖_F² / numel`` (:func:`implicit.stability.jacobian_frobenius`) — add it
             to your loss; otherwise it is a zero tensor. The per-sample estimate is in
             ``layer.solution.stats["jac_frobenius"]``.
+        readout: what the layer returns: ``"state"``, the solver's ``z*`` (default), or
+            ``"step"``, one more application of the cell to it, ``f(z*, x)``, evaluated with
+            autograd on (the tutorial's ``DEQFixedPoint`` does this). At an exact fixed point
+            the two agree; when a solve stops early ``f(z*)`` is one more step towards it,
+            for the price of one cell call (and one VJP in backward). The gradient stays the
+            backward strategy's: through ``f(z*(θ), θ)`` the IFT gives exactly
+            ``(I − J)⁻¹ ∂f/∂θ`` again.
         spectral_iters: when > 0, every forward also reports ``‖J_f(z*)‖₂`` per sample in
             ``layer.solution.stats["jac_spectral_norm"]`` (power iteration on ``JᵀJ``, this
             many iterations at most; a contraction indicator).
@@ -287,6 +295,7 @@ class DEQ(nn.Module):
         jac_probes: int = 1,
         jac_probe: str = "gaussian",
         spectral_iters: int = 0,
+        readout: str = "state",
     ) -> None:
         super().__init__()
         check_cell(cell)
@@ -313,6 +322,7 @@ class DEQ(nn.Module):
         self.jac_probes = check_value("jac_probes", jac_probes, positive_int)
         self.jac_probe = check_value("jac_probe", jac_probe, one_of(*PROBES))
         self.spectral_iters = check_value("spectral_iters", spectral_iters, nonnegative_int)
+        self.readout = check_value("readout", readout, one_of(*READOUTS))
         self.jacobian_loss: Optional[torch.Tensor] = None
         # training-mode forwards so far (a buffer: it survives state_dict round trips)
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
@@ -384,6 +394,7 @@ class DEQ(nn.Module):
             fn_with=fn_with,
             spec=spec,
             on_backward_solution=self._record_backward,
+            training=self.training,
         )
         solver = self.solver if self.training else self.eval_solver
         backward = self.backward
@@ -396,6 +407,9 @@ class DEQ(nn.Module):
         self.solution = result.solution
         self._stability_telemetry(problem, result.z)
         z_star = result.z
+        if self.readout == "step":
+            with _solver_precision(amp):
+                z_star = problem.fn(z_star)
         if amp is not None:
             # an overflowing low-precision cell: the non-finite samples stay non-finite, so the
             # loss and gradients are too and a GradScaler skips the step (no exception)
@@ -431,4 +445,5 @@ class DEQ(nn.Module):
         return {**state, "jacobian_loss": None}
 
     def extra_repr(self) -> str:
-        return f"solver={self.solver!r},\nbackward={self.backward!r}"
+        readout = f",\nreadout={self.readout!r}" if self.readout != "state" else ""
+        return f"solver={self.solver!r},\nbackward={self.backward!r}{readout}"

@@ -11,7 +11,10 @@ Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apa
   ``divergence_factor`` × its initial one); from then on its iterate no longer changes;
 * ``nfe[i]`` counts calls of ``f`` made while sample i was active; ``n_calls`` counts calls of
   ``f`` on the batch and is what ``max_iter`` bounds (the first evaluation ``f(z0)`` included);
-* the returned iterate of each sample is the best one seen by its stopping residual.
+* the returned iterate of each sample is the best one seen by its stopping residual
+  (``returns="best"``, the default) or its last finite one (``returns="last"``, what the
+  tutorial's Anderson and scipy return); the record's residuals are those of the returned
+  iterate either way.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from attrs import validators as v
 
 from .solution import POLICIES, STOP_MODES, Solution, Status, apply_policy
 from .state import StateSpec
-from .validators import nonnegative_number, positive_int
+from .validators import nonnegative_number, one_of, positive_int
 
 FlatFn = Callable[[torch.Tensor], torch.Tensor]
+RETURNS: tuple[str, ...] = ("best", "last")
 
 
 @attrs.frozen(kw_only=True)
@@ -55,6 +59,9 @@ class Solver(abc.ABC):
     ``release(state)`` is called once when a solve is over (buffers given back to
     :data:`implicit.workspace.workspace`, say); the state is not used afterwards.
 
+    ``returns``: which iterate of a sample that stops without converging is returned,
+    ``"best"`` by its stopping residual (default) or ``"last"`` (its latest finite one).
+
     ``check_every``: test "all samples done?" (a host synchronisation) every this many steps;
     default 1 on CPU and 4 on other devices (a few wasted, discarded steps at the end cost less
     than a sync per step).
@@ -69,6 +76,7 @@ class Solver(abc.ABC):
     policy: str = attrs.field(default="warn", validator=v.in_(POLICIES))
     divergence_factor: float = attrs.field(default=1e8, validator=nonnegative_number)
     trace: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    returns: str = attrs.field(default="best", validator=one_of(*RETURNS))
     check_every: Optional[int] = attrs.field(
         default=None, validator=v.optional(positive_int)
     )
@@ -214,6 +222,7 @@ def iterate(
     limit = solver.divergence_factor * start_abs if solver.divergence_factor > 0 else None
     trace = [metric.detach()] if solver.trace else None
     state = solver.init(z, fz)
+    keep_last = solver.returns == "last"
 
     step_index = 0
     while counted.remaining > 0:
@@ -236,7 +245,7 @@ def iterate(
         metric_new = abs_new if solver.stop == "abs" else rel_new
         finite_new = torch.isfinite(abs_new)
         ok = active & finite_new
-        improved = ok & (metric_new < best.metric)
+        improved = ok if keep_last else ok & (metric_new < best.metric)
         if host_checks and bool(improved.all()):
             best = _Best(z=z_new, abs_res=abs_new, rel_res=rel_new, metric=metric_new)
         else:

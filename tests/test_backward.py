@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 import implicit
 
+# the exact IFT gradient in training too (the default damps its adjoint there)
+EXACT_IFT = implicit.make_backward("ift", damping=0.0)
+
 D64 = torch.float64
 TIGHT = dict(tol=1e-11, stop="abs", max_iter=800)
 
@@ -42,7 +45,7 @@ def test_ift_gradcheck_with_every_adjoint_solver(adjoint_solver_name, cell_kind)
     # numerical Jacobian is clean; the adjoint solver is the one under test.
     cell = tanh_cell() if cell_kind == "tanh" else tiny_resnet()
     backward = implicit.make_backward("ift", solver=adjoint_solver_name, tol=1e-12,
-                                      max_iter=800)
+                                      max_iter=800, damping=0.0)
     layer = implicit.DEQ(cell, solver="forward", backward=backward, **TIGHT)
     x = (torch.randn(2, 3, dtype=D64) if cell_kind == "tanh"
          else torch.randn(1, 2, 3, 3, dtype=D64)).requires_grad_()
@@ -54,7 +57,7 @@ def test_ift_gradcheck_with_every_adjoint_solver(adjoint_solver_name, cell_kind)
 
 
 def test_ift_gradgradcheck_on_tanh():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", **TIGHT)
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT, **TIGHT)
     x = torch.randn(2, 3, dtype=D64, requires_grad=True)
     assert torch.autograd.gradgradcheck(layer, (x,))
     run, params = _param_fn(layer, x.detach())
@@ -62,7 +65,7 @@ def test_ift_gradgradcheck_on_tanh():
 
 
 def test_ift_second_derivative_matches_unrolled():
-    layer_ift = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", **TIGHT)
+    layer_ift = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT, **TIGHT)
     layer_unr = implicit.DEQ(tanh_cell(), solver="forward", backward="unrolled", **TIGHT)
     x = torch.randn(3, 3, dtype=D64, requires_grad=True)
     hessians = []
@@ -77,7 +80,7 @@ def test_ift_second_derivative_matches_unrolled():
 def test_force_matching_trains():
     torch.manual_seed(0)
     cell = tanh_cell(features=6, in_features=3, scale=0.5)
-    layer = implicit.DEQ(cell, solver="anderson", backward="ift", tol=1e-9, stop="abs",
+    layer = implicit.DEQ(cell, solver="anderson", backward=EXACT_IFT, tol=1e-9, stop="abs",
                          max_iter=200)
     opt = torch.optim.Adam(cell.parameters(), lr=1e-2)
     x = torch.randn(8, 3, dtype=D64)
@@ -100,7 +103,7 @@ def test_ift_matches_unrolled_through_a_converged_forward():
     x = torch.randn(4, 3, dtype=D64)
     w = torch.randn(4, 6, dtype=D64)
     grads = {}
-    for backward in ("ift", "unrolled"):
+    for backward in (EXACT_IFT, "unrolled"):
         solver = implicit.make_solver("forward", tol=0.0, max_iter=250, policy="ignore")
         layer = implicit.DEQ(cell, solver=solver, backward=backward)
         xr = x.clone().requires_grad_()
@@ -108,7 +111,7 @@ def test_ift_matches_unrolled_through_a_converged_forward():
         assert layer.solution.n_calls == 250
         params = list(cell.parameters())
         g = torch.autograd.grad((z * w).sum(), [xr, *params])
-        grads[backward] = torch.cat([t.flatten() for t in g])
+        grads[getattr(backward, "name", backward)] = torch.cat([t.flatten() for t in g])
     err = (grads["ift"] - grads["unrolled"]).norm() / grads["unrolled"].norm()
     assert err < 1e-8
 
@@ -131,7 +134,7 @@ def test_unrolled_needs_an_unrollable_solver():
 
 def _phantom_adjoint_error(cell, x, k, lam):
     """(‖w_phantom − w‖, ‖w‖, ‖J‖₂) for a tanh cell, w recovered from ∂L/∂u = D w."""
-    layer_exact = implicit.DEQ(cell, solver="forward", backward="ift", **TIGHT)
+    layer_exact = implicit.DEQ(cell, solver="forward", backward=EXACT_IFT, **TIGHT)
     phantom = implicit.make_backward("phantom", k=k, lam=lam)
     layer_ph = implicit.DEQ(cell, solver="forward", backward=phantom, **TIGHT)
     y = torch.randn(x.shape[0], cell.features, dtype=D64, generator=torch.Generator().manual_seed(1))
@@ -203,7 +206,7 @@ def test_jfb_is_phantom_with_one_full_step():
 
 
 def test_pretraining_uses_the_pretrain_backward_first():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", tol=1e-10,
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT, tol=1e-10,
                          pretrain_steps=2,
                          pretrain_backward=implicit.make_backward("unrolled", depth=4))
     x = torch.randn(2, 3, dtype=D64)

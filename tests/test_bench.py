@@ -48,7 +48,10 @@ def test_in_process_run_writes_schema_table_and_plots(tmp_path, registry, capsys
         assert record["reference"]["status"] == "converged"
         if fwd["status"] == "converged" and "exact" in registry.get(
                 "backward", record["combination"]["backward"]).spec.capabilities:
-            assert record["grad_rel_error"] < 1e-2
+            if record["backward_regularised"]:  # ift's damped training adjoint
+                assert 0.9 < record["grad_cosine"] and record["grad_rel_error"] < 0.5
+            else:
+                assert record["grad_rel_error"] < 1e-2
     for name in ("residuals.png", "time_nfe.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     out = capsys.readouterr().out

@@ -12,6 +12,9 @@ import implicit
 from implicit.solver import residuals
 from implicit.state import StateSpec
 
+# the exact IFT gradient in training too (the default damps its adjoint there)
+EXACT_IFT = implicit.make_backward("ift", damping=0.0)
+
 # small instances of each family (the strategies draw tiny ones; these are a notch bigger)
 SMALL = {
     "tanh": (dict(features=8, in_features=4), lambda b: torch.randn(b, 4)),
@@ -53,7 +56,7 @@ def test_cell_solves_with_every_solver(cell_name, solver_name, dtype, batch, req
     cell = implicit.make_cell(cell_name, **options).to(dtype)
     x = make_x(batch).to(dtype)
     tol = 1e-4 if dtype == torch.float32 else 1e-9
-    layer = implicit.DEQ(cell, solver=solver_name, backward="ift", tol=tol, stop="rel",
+    layer = implicit.DEQ(cell, solver=solver_name, backward=EXACT_IFT, tol=tol, stop="rel",
                          max_iter=300)
     z = layer(x)
     sol = layer.solution
@@ -74,7 +77,7 @@ def test_cell_solves_with_every_solver(cell_name, solver_name, dtype, batch, req
 def test_monotone_forward_backward_splitting_always_converges(data, registry):
     example = data.draw(registry.get("cell", "monotone").spec.strategy(dtype=torch.float64))
     assert example.lipschitz < 1
-    layer = implicit.DEQ(example.cell, solver="forward", backward="ift", tol=1e-10, stop="abs",
+    layer = implicit.DEQ(example.cell, solver="forward", backward=EXACT_IFT, tol=1e-10, stop="abs",
                          max_iter=400)
     with torch.no_grad():
         layer(example.x)
@@ -84,7 +87,7 @@ def test_monotone_forward_backward_splitting_always_converges(data, registry):
 def test_monotone_rejects_a_step_size_beyond_the_bound():
     cell = implicit.make_cell("monotone", features=4, in_features=2, alpha=50.0)
     with pytest.raises(ValueError, match="alpha"):
-        implicit.DEQ(cell, solver="forward", backward="ift")(torch.randn(2, 2))
+        implicit.DEQ(cell, solver="forward", backward=EXACT_IFT)(torch.randn(2, 2))
 
 
 def test_transformer_variational_dropout_uses_one_mask_per_solve():
@@ -96,7 +99,7 @@ def test_transformer_variational_dropout_uses_one_mask_per_solve():
     z = torch.randn(2, 5, 8)
     torch.testing.assert_close(cell.update(z, u), cell.update(z, u), rtol=0, atol=0)
     assert not torch.equal(cell.injection(x)[2][0], u[2][0])  # a new solve, a new mask
-    layer = implicit.DEQ(cell, solver="anderson", backward="ift", tol=1e-4, max_iter=100)
+    layer = implicit.DEQ(cell, solver="anderson", backward=EXACT_IFT, tol=1e-4, max_iter=100)
     layer(x).sum().backward()
     assert layer.solution.all_converged and layer.backward_solution.all_converged
     cell.eval()
@@ -107,7 +110,7 @@ def test_transformer_gradcheck_without_dropout():
     torch.manual_seed(0)
     cell = implicit.make_cell("transformer", d_model=4, in_features=3, n_heads=2, causal=True,
                               init_scale=0.2).double()
-    layer = implicit.DEQ(cell, solver="anderson", backward="ift", tol=1e-11, stop="abs",
+    layer = implicit.DEQ(cell, solver="anderson", backward=EXACT_IFT, tol=1e-11, stop="abs",
                          max_iter=400)
     x = torch.randn(1, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
@@ -116,7 +119,7 @@ def test_transformer_gradcheck_without_dropout():
 def test_multiscale_gradcheck_tiny():
     torch.manual_seed(0)
     cell = implicit.make_cell("multiscale", in_channels=1, channels=(2, 2), num_groups=1).double()
-    layer = implicit.DEQ(cell, solver="anderson", backward="ift", tol=1e-12, stop="abs",
+    layer = implicit.DEQ(cell, solver="anderson", backward=EXACT_IFT, tol=1e-12, stop="abs",
                          max_iter=500)
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     z = layer(x)
@@ -135,7 +138,7 @@ def test_deq_warns_about_modules_that_move_the_fixed_point(module):
             return torch.tanh(self.inner(z) + x)
 
     with pytest.warns(implicit.EquilibriumWarning, match=type(module).__name__):
-        implicit.DEQ(Cell(), solver="forward", backward="ift")
+        implicit.DEQ(Cell(), solver="forward", backward=EXACT_IFT)
 
 
 def test_drawing_an_example_leaves_the_global_rng_alone(registry):

@@ -12,6 +12,9 @@ from torch import nn
 import implicit
 from implicit import ConvergenceError, ConvergenceWarning
 
+# the exact IFT gradient in training too (the default damps its adjoint there)
+EXACT_IFT = implicit.make_backward("ift", damping=0.0)
+
 TIGHT = dict(tol=1e-10, stop="abs", max_iter=500)
 
 
@@ -25,14 +28,14 @@ def tanh_cell(features=5, in_features=3, scale=0.6, seed=0):
 
 def test_gradcheck_wrt_input(exact_pair):
     solver_name, backward_name = exact_pair
-    layer = implicit.DEQ(tanh_cell(), solver=solver_name, backward=backward_name, **TIGHT)
+    layer = implicit.DEQ(tanh_cell(), solver=solver_name, backward=backward_name, **TIGHT).eval()
     x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
 
 
 def test_gradcheck_wrt_parameters(exact_pair):
     solver_name, backward_name = exact_pair
-    layer = implicit.DEQ(tanh_cell(), solver=solver_name, backward=backward_name, **TIGHT)
+    layer = implicit.DEQ(tanh_cell(), solver=solver_name, backward=backward_name, **TIGHT).eval()
     x = torch.randn(3, 3, dtype=torch.float64)
     names = [n for n, _ in layer.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
@@ -45,7 +48,7 @@ def test_gradcheck_wrt_parameters(exact_pair):
 
 def test_ift_matches_the_dense_implicit_gradient():
     cell = tanh_cell(features=4, in_features=2)
-    layer = implicit.DEQ(cell, solver="forward", backward="ift", **TIGHT)
+    layer = implicit.DEQ(cell, solver="forward", backward=EXACT_IFT, **TIGHT)
     x = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
     z = layer(x)
     w = torch.randn_like(z)
@@ -80,7 +83,8 @@ class PairCell(implicit.Cell):
 
 def test_tuple_state_solves_and_differentiates(exact_backward_name):
     torch.manual_seed(1)
-    layer = implicit.DEQ(PairCell(), solver="forward", backward=exact_backward_name, **TIGHT)
+    layer = implicit.DEQ(PairCell(), solver="forward", backward=exact_backward_name,
+                         **TIGHT).eval()
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     p, q = layer(x)
     assert p.shape == (2, 3) and q.shape == (2, 2, 2)
@@ -90,7 +94,7 @@ def test_tuple_state_solves_and_differentiates(exact_backward_name):
 
 
 def test_wrong_shapes_name_both():
-    layer = implicit.DEQ(tanh_cell(features=5), solver="forward", backward="ift")
+    layer = implicit.DEQ(tanh_cell(features=5), solver="forward", backward=EXACT_IFT)
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 6\)"):
         layer(x, z0=torch.zeros(4, 6, dtype=torch.float64))
@@ -99,13 +103,13 @@ def test_wrong_shapes_name_both():
         def forward(self, z, x):
             return torch.cat([z, x], dim=1)
 
-    plain = implicit.DEQ(Growing(), solver="forward", backward="ift")
+    plain = implicit.DEQ(Growing(), solver="forward", backward=EXACT_IFT)
     with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 2\)"):
         plain(torch.randn(2, 3), z0=torch.zeros(2, 2))
 
 
 def test_dtype_mismatch_is_a_clear_error():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift")
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT)
     with pytest.raises(TypeError, match="float32.*float64|dtype"):
         layer(torch.randn(2, 3, dtype=torch.float64), z0=torch.zeros(2, 5))
 
@@ -121,7 +125,7 @@ def test_plain_module_cell_like_the_tutorial():
             return torch.tanh(self.linear(z) + x)
 
     module = TanhFixedPoint(4)
-    layer = implicit.DEQ(module, solver="forward", backward="ift", **TIGHT)
+    layer = implicit.DEQ(module, solver="forward", backward=EXACT_IFT, **TIGHT)
     assert "cell.linear.weight" in layer.state_dict()
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     z = layer(x)
@@ -130,13 +134,13 @@ def test_plain_module_cell_like_the_tutorial():
 
 
 def test_output_is_exactly_the_recorded_solution():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift")
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT)
     z = layer(torch.randn(3, 3, dtype=torch.float64))
     assert torch.equal(z.detach(), layer.solution.z)
 
 
 def test_eval_mode_keeps_a_graph_and_no_grad_builds_none():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift").eval()
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT).eval()
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     z = layer(x)
     assert z.requires_grad
@@ -148,7 +152,7 @@ def test_eval_mode_keeps_a_graph_and_no_grad_builds_none():
 
 
 def test_separate_train_and_eval_budgets():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", tol=1e-12, stop="abs",
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT, tol=1e-12, stop="abs",
                          max_iter=200, eval_tol=1e-3, eval_max_iter=7, policy="ignore")
     x = torch.randn(2, 3, dtype=torch.float64)
     layer(x)
@@ -160,7 +164,7 @@ def test_separate_train_and_eval_budgets():
 
 
 def test_warm_start_from_the_previous_solution_is_cheaper():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", tol=1e-9, stop="abs",
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT, tol=1e-9, stop="abs",
                          max_iter=300)
     x = torch.randn(4, 3, dtype=torch.float64)
     layer(x)
@@ -173,9 +177,9 @@ def test_forward_nonconvergence_follows_the_layer_policy():
     cell = tanh_cell(scale=0.95)
     x = torch.randn(2, 3, dtype=torch.float64)
     with pytest.warns(ConvergenceWarning, match="DEQ forward solve"):
-        implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-12, max_iter=3)(x)
+        implicit.DEQ(cell, solver="forward", backward=EXACT_IFT, tol=1e-12, max_iter=3)(x)
     with pytest.raises(ConvergenceError):
-        implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-12, max_iter=3,
+        implicit.DEQ(cell, solver="forward", backward=EXACT_IFT, tol=1e-12, max_iter=3,
                      policy="raise")(x)
 
 
@@ -191,15 +195,15 @@ def test_adjoint_nonconvergence_follows_its_policy():
 
 def test_adjoint_with_its_own_solver_instance():
     backward = implicit.make_backward(
-        "ift", solver=implicit.make_solver("forward", beta=0.8), tol=1e-11, max_iter=400
-    )
+        "ift", solver=implicit.make_solver("forward", beta=0.8), tol=1e-11, max_iter=400,
+        damping=0.0)
     layer = implicit.DEQ(tanh_cell(), solver="forward", backward=backward, **TIGHT)
     x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
 
 
 def test_layer_pickles_and_deepcopies_with_identical_outputs():
-    layer = implicit.DEQ(tanh_cell(), solver="forward", backward="ift", **TIGHT)
+    layer = implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT, **TIGHT)
     x = torch.randn(2, 3, dtype=torch.float64)
     want = layer(x)
     for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
@@ -208,10 +212,10 @@ def test_layer_pickles_and_deepcopies_with_identical_outputs():
 
 def test_bad_solver_and_backward_arguments():
     with pytest.raises(TypeError, match="solver"):
-        implicit.DEQ(tanh_cell(), solver=3, backward="ift")
+        implicit.DEQ(tanh_cell(), solver=3, backward=EXACT_IFT)
     with pytest.raises(TypeError, match="backward"):
         implicit.DEQ(tanh_cell(), solver="forward", backward=object())
     with pytest.raises(TypeError, match="nn.Module"):
-        implicit.DEQ(lambda z, x: z, solver="forward", backward="ift")
+        implicit.DEQ(lambda z, x: z, solver="forward", backward=EXACT_IFT)
     with pytest.raises(ValueError, match="in_features=3"):
-        implicit.DEQ(tanh_cell(), solver="forward", backward="ift")(torch.randn(2, 4))
+        implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT)(torch.randn(2, 4))

@@ -96,7 +96,7 @@ def test_fresh_manager_plugin_is_listed_and_usable_in_deq():
     names = {(e.kind, e.name, e.plugin) for e in registry.entries()}
     assert names == {("solver", "halving", "example"), ("cell", "scale", "example")}
     # the backward comes from the installed plugins; the solver and cell from the fresh one
-    backward = Registry.from_entry_points().make("backward", "ift")
+    backward = Registry.from_entry_points().make("backward", "ift", damping=0.0)
     with use_registry(registry):
         assert {e.name for e in implicit.list_plugins()} == {"halving", "scale"}
         cell = implicit.make_cell("scale", a=0.25).double()

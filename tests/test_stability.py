@@ -21,6 +21,9 @@ from implicit.stability import (
     normalize_weights,
 )
 
+# the exact IFT gradient in training too (the default damps its adjoint there)
+EXACT_IFT = implicit.make_backward("ift", damping=0.0)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -114,7 +117,7 @@ def test_estimators_reject_bad_options():
 def make_layer(**options):
     torch.manual_seed(0)
     cell = implicit.make_cell("tanh", features=6).double()
-    return implicit.DEQ(cell, solver="anderson", backward="ift", tol=1e-10, **options)
+    return implicit.DEQ(cell, solver="anderson", backward=EXACT_IFT, tol=1e-10, **options)
 
 
 def test_deq_jacobian_loss_is_differentiable_and_reported():
@@ -213,7 +216,7 @@ def test_spectral_norm_weight_is_computed_once_per_forward_and_held(backward):
 def test_weight_normalised_cell_has_exact_ift_gradients():
     torch.manual_seed(0)
     cell = normalize_weights(implicit.make_cell("tanh", features=4).double(), "weight")
-    layer = implicit.DEQ(cell, solver="anderson", backward="ift", tol=1e-12, max_iter=200)
+    layer = implicit.DEQ(cell, solver="anderson", backward=EXACT_IFT, tol=1e-12, max_iter=200)
     x = torch.randn(2, 4, dtype=torch.float64)
     names = [n for n, _ in layer.named_parameters()]
     assert any("original0" in n for n in names) and any("original1" in n for n in names)
@@ -230,7 +233,7 @@ def test_hook_based_spectral_norm_is_flagged():
     cell = implicit.make_cell("tanh", features=4)
     nn.utils.spectral_norm(cell.W)
     with pytest.warns(implicit.EquilibriumWarning, match="parametrizations.spectral_norm"):
-        implicit.DEQ(cell, solver="forward", backward="ift")
+        implicit.DEQ(cell, solver="forward", backward=EXACT_IFT)
 
 
 def test_normalize_weights_rejects_bad_input():

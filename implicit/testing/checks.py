@@ -264,8 +264,10 @@ def check_gradient_contract(registry: Registry, backward: str, solver: str,
     cell, x = example.cell, example.x.detach()
     if x.dtype != torch.float64:
         raise ValueError("the gradient contract runs in float64")
+    # outside training: there a backward forms the gradient its name promises (in training it
+    # may regularise it, as ift's damping does)
     layer = DEQ(cell, solver=solver, backward=backward, tol=1e-11, stop="abs", max_iter=2000,
-                policy="ignore")
+                policy="ignore").eval()
     xr = x.clone().requires_grad_()
     with torch.no_grad():
         start = init_state_of(cell, x) if example.z0 is None else example.z0

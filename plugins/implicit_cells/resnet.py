@@ -6,7 +6,8 @@ with GroupNorm for every norm, 3×3 convolutions initialised N(0, 0.01) and a bo
 equilibrium state has ``channels`` channels while the hidden layer inside the cell has
 ``inner_channels`` (``channels < inner_channels``: a small state, many parameters). The input
 ``x`` is the (already embedded) image with ``channels`` channels; the state has its shape.
-GroupNorm normalises each sample on its own, so the cell is batch-independent.
+GroupNorm normalises each sample on its own, so the cell is batch-independent. ``dims=1`` makes
+the same cell on sequences ``(B, channels, L)`` (``Conv1d``), e.g. for MNIST-1D.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ResNetCell(implicit.Cell):
         kernel_size: int = 3,
         num_groups: int = 8,
         init_std: float = 0.01,
+        dims: int = 2,
     ) -> None:
         super().__init__()
         for name, value in (("channels", channels), ("inner_channels", inner_channels),
@@ -45,13 +47,18 @@ class ResNetCell(implicit.Cell):
         for name, value in (("channels", channels), ("inner_channels", inner_channels)):
             if value % num_groups:
                 raise ValueError(f"{name}={value} must be divisible by num_groups={num_groups}")
+        if dims not in (1, 2) or isinstance(dims, bool):
+            raise ValueError(f"dims must be 1 (sequences, Conv1d) or 2 (images, Conv2d), got "
+                             f"{dims!r}")
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         self.channels = channels
         self.inner_channels = inner_channels
+        self.dims = dims
         pad = kernel_size // 2
-        self.conv1 = nn.Conv2d(channels, inner_channels, kernel_size, padding=pad, bias=False)
-        self.conv2 = nn.Conv2d(inner_channels, channels, kernel_size, padding=pad, bias=False)
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.conv1 = conv(channels, inner_channels, kernel_size, padding=pad, bias=False)
+        self.conv2 = conv(inner_channels, channels, kernel_size, padding=pad, bias=False)
         self.norm1 = nn.GroupNorm(num_groups, inner_channels)
         self.norm2 = nn.GroupNorm(num_groups, channels)
         self.norm3 = nn.GroupNorm(num_groups, channels)
@@ -59,8 +66,9 @@ class ResNetCell(implicit.Cell):
         nn.init.normal_(self.conv2.weight, 0.0, init_std)
 
     def injection(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, cell="resnet", layout=f"(B, channels={self.channels}, H, W)", ndim=4,
-                    dim=1, size=self.channels)
+        layout = "L" if self.dims == 1 else "H, W"
+        check_input(x, cell="resnet", layout=f"(B, channels={self.channels}, {layout})",
+                    ndim=self.dims + 2, dim=1, size=self.channels)
         return x
 
     def update(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,8 @@ class ResNetCell(implicit.Cell):
         return self.norm3(F.relu(z + self.norm2(u + self.conv2(y))))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, inner_channels={self.inner_channels}"
+        return (f"channels={self.channels}, inner_channels={self.inner_channels}, "
+                f"dims={self.dims}")
 
 
 def examples(dtype: torch.dtype = torch.float64):

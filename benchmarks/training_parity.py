@@ -1,0 +1,513 @@
+"""Training parity: the tutorial's DEQ code and ``implicit.DEQ``, same model, data and seed.
+
+The recipe is "Deep Implicit Layers" ch. 4 (../shared/seeds/001) in 1-D: a ResNet cell with
+GroupNorm (conv weights N(0, 0.01)), Anderson m=5, forward relative tolerance 1e-3 capped at 30
+calls, the IFT backward solved by Anderson to 1e-6 (also capped at 30), Adam 2e-3 with a cosine
+schedule, batch 100. Data: MNIST-1D (Greydanus & Kobak 2020, generated offline by the
+``mnist1d`` package: 4000 train / 1000 test sequences of length 40) or scikit-learn's digits
+(8×8 images, the 2-D cell). Both layers sit in one ``nn.Sequential`` built from the same seed
+(stem conv + BatchNorm, the DEQ, BatchNorm, average pool, linear head) and are trained by one
+loop on the same batches, so the only difference is the layer::
+
+    python benchmarks/training_parity.py --data mnist1d --epochs 30 --seeds 0 1 2 \\
+        --variants tutorial implicit --out benchmarks/results/cpu-training-parity
+    python benchmarks/training_parity.py --variants tutorial implicit:readout=state --epochs 5
+
+The *tutorial* layer here is the chapter's algorithm written afresh: its Anderson (bordered
+least squares with the absolute ridge ``lam = 1e-4``, the whole batch's relative residual as
+the stopping test, the *last* iterate returned), its ``DEQFixedPoint`` (``f`` applied once more
+to the solution with autograd on, and a backward hook solving ``g = Jᵀ g + grad`` by the same
+Anderson from ``grad``). Variant options after ``:`` change one thing at a time (see
+``VARIANTS``). ``--diagnose-every N`` records, every N steps and outside the timed region, the
+spectral radius of J at the solution (power iteration with VJPs) and the residuals of both
+solves. Each run writes ``runs/<variant>-seed<k>.json``; ``--out`` also writes ``results.json``
+(mean ± std per variant) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import autograd, nn
+
+import implicit
+
+# ----------------------------------------------------------------------------------------------
+# The tutorial's layer (ch. 4), written to its structure
+
+
+def tutorial_anderson(f: Callable, x0: torch.Tensor, m: int = 5, lam: float = 1e-4,
+                      max_iter: int = 50, tol: float = 1e-2, beta: float = 1.0,
+                      keep: str = "last", stats: dict | None = None):
+    """The tutorial's Anderson: ``max_iter`` calls of ``f`` at most, stops when the whole
+    batch's ``‖f(x) − x‖ / (1e-5 + ‖f(x)‖)`` is below ``tol``; returns the last iterate (or,
+    ``keep="best"``, each sample's best by its own relative residual) and the residual list.
+    ``stats`` (a dict) receives ``ridge_share``: the batch mean of ``lam / (lam + mean diag
+    GGᵀ)`` at the last mix (near 1: the ridge dominates and the weights are nearly uniform)."""
+    bsz = x0.shape[0]
+    X = torch.zeros(bsz, m, x0[0].numel(), dtype=x0.dtype, device=x0.device)
+    F = torch.zeros_like(X)
+    X[:, 0], F[:, 0] = x0.reshape(bsz, -1), f(x0).reshape(bsz, -1)
+    X[:, 1], F[:, 1] = F[:, 0], f(F[:, 0].view_as(x0)).reshape(bsz, -1)
+    H = torch.zeros(bsz, m + 1, m + 1, dtype=x0.dtype, device=x0.device)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    y = torch.zeros(bsz, m + 1, 1, dtype=x0.dtype, device=x0.device)
+    y[:, 0] = 1
+    best, best_res = X[:, 1].clone(), torch.full((bsz,), math.inf, device=x0.device)
+    res, k = [], 1
+    for k in range(2, max_iter):
+        n = min(k, m)
+        G = F[:, :n] - X[:, :n]
+        H[:, 1:n + 1, 1:n + 1] = (torch.bmm(G, G.transpose(1, 2))
+                                  + lam * torch.eye(n, dtype=x0.dtype, device=x0.device)[None])
+        alpha = torch.linalg.solve(H[:, :n + 1, :n + 1], y[:, :n + 1])[:, 1:n + 1, 0]
+        if stats is not None:
+            gram_scale = (G * G).sum(-1).mean(-1)
+            stats["ridge_share"] = float((lam / (lam + gram_scale)).mean())
+        X[:, k % m] = (beta * (alpha[:, None] @ F[:, :n])[:, 0]
+                       + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0])
+        F[:, k % m] = f(X[:, k % m].view_as(x0)).reshape(bsz, -1)
+        gap = F[:, k % m] - X[:, k % m]
+        res.append(gap.norm().item() / (1e-5 + F[:, k % m].norm().item()))
+        if keep == "best":
+            sample_res = gap.norm(dim=1) / (1e-5 + F[:, k % m].norm(dim=1))
+            better = sample_res < best_res
+            best = torch.where(better[:, None], X[:, k % m], best)
+            best_res = torch.where(better, sample_res, best_res)
+        if res[-1] < tol:
+            break
+    out = best if keep == "best" else X[:, k % m]
+    return out.reshape(x0.shape).clone(), res
+
+
+class TutorialDEQ(nn.Module):
+    """The tutorial's ``DEQFixedPoint``: solve without a graph, apply ``f`` once more with
+    autograd on (``readout="step"``; ``"state"`` returns the solution itself, attached to the
+    graph through a zero-cost identity), and a hook that replaces the incoming gradient by the
+    solution of ``g = Jᵀ g + grad``."""
+
+    def __init__(self, f: nn.Module, forward_kwargs: dict, backward_kwargs: dict,
+                 readout: str = "step") -> None:
+        super().__init__()
+        self.f = f
+        self.forward_kwargs = forward_kwargs
+        self.backward_kwargs = backward_kwargs
+        self.readout = readout
+        self.forward_res: list = []
+        self.backward_res: list = []
+        self.backward_stats: dict = {}
+        self.z_star: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z, self.forward_res = tutorial_anderson(lambda z: self.f(z, x), torch.zeros_like(x),
+                                                    **self.forward_kwargs)
+        self.z_star = z
+        if not torch.is_grad_enabled():
+            return self.f(z, x) if self.readout == "step" else z
+        z0 = z.clone().detach().requires_grad_()
+        f0 = self.f(z0, x)
+        if self.readout == "step":
+            z = self.f(z, x)
+        else:  # z* itself, with the hook's adjoint taken back through f(z*) for the gradient
+            z = _Attach.apply(z, f0)
+
+        def backward_hook(grad):
+            g, self.backward_res = tutorial_anderson(
+                lambda y: autograd.grad(f0, z0, y, retain_graph=True)[0] + grad, grad,
+                stats=self.backward_stats, **self.backward_kwargs)
+            return g
+
+        z.register_hook(backward_hook)
+        return z
+
+
+class _Attach(torch.autograd.Function):
+    """``z`` in value; its gradient goes to ``fz`` (so it reaches the parameters through one
+    VJP of f, as the tutorial's re-engaged step does)."""
+
+    @staticmethod
+    def forward(ctx, z, fz):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers under test
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"implicit:readout=state,adjoint_tol=1e-4"`` -> ``("implicit", {...})``."""
+    base, _, rest = spec.partition(":")
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {base!r}; choose from {sorted(VARIANTS)}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"variant option {item!r} must be key=value")
+        options[key] = _parse_value(value)
+    return base, options
+
+
+def tutorial_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
+                   adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30, lam: float = 1e-4,
+                   adjoint_lam: float | None = None, keep: str = "last",
+                   readout: str = "step") -> nn.Module:
+    forward = dict(m=5, lam=lam, tol=tol, max_iter=max_iter, keep=keep)
+    backward = dict(m=5, lam=lam if adjoint_lam is None else adjoint_lam, tol=adjoint_tol,
+                    max_iter=adjoint_max_iter)
+    return TutorialDEQ(cell, forward, backward, readout=readout)
+
+
+def implicit_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
+                   adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30,
+                   adjoint_solver: str | None = None, **deq_options: Any) -> nn.Module:
+    """The library's layer in the recipe; ``deq_options`` go to ``implicit.DEQ`` (names
+    prefixed ``solver.`` / ``backward.`` go to the solver / the backward)."""
+    solver_options = {k[7:]: v for k, v in deq_options.items() if k.startswith("solver.")}
+    backward_options = {k[9:]: v for k, v in deq_options.items() if k.startswith("backward.")}
+    deq_options = {k: v for k, v in deq_options.items() if "." not in k}
+    backward_name = deq_options.pop("backward", "ift")
+    if backward_name == "ift":
+        backward_options = {"tol": adjoint_tol, "max_iter": adjoint_max_iter,
+                            **({"solver": adjoint_solver} if adjoint_solver else {}),
+                            **backward_options}
+    return implicit.DEQ(
+        cell,
+        solver=implicit.make_solver("anderson", m=5, **solver_options),
+        backward=implicit.make_backward(backward_name, **backward_options),
+        tol=tol, max_iter=max_iter, policy="ignore", **deq_options,
+    )
+
+
+VARIANTS: dict[str, Callable[..., nn.Module]] = {
+    "tutorial": tutorial_layer,
+    "implicit": implicit_layer,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and model
+
+
+def load_data(name: str, seed: int = 0):
+    """``((train_x, train_y), (test_x, test_y), dims)``: MNIST-1D as ``(N, 1, 40)`` sequences or
+    digits as standardised ``(N, 1, 8, 8)`` images."""
+    if name == "mnist1d":
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError:
+            raise SystemExit("MNIST-1D needs the mnist1d package: pip install mnist1d "
+                             "(or pip install 'implicit-layers[examples]')")
+        args = get_dataset_args()
+        data = make_dataset(args)  # generated from its fixed seed (42): no download
+        train = (torch.as_tensor(data["x"], dtype=torch.float32)[:, None],
+                 torch.as_tensor(data["y"], dtype=torch.int64))
+        test = (torch.as_tensor(data["x_test"], dtype=torch.float32)[:, None],
+                torch.as_tensor(data["y_test"], dtype=torch.int64))
+        return train, test, 1
+    if name == "digits":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from digits import load_digits_split
+
+        (tx, ty), (vx, vy) = load_digits_split(seed=0)
+        return (tx.view(-1, 1, 8, 8), ty), (vx.view(-1, 1, 8, 8), vy), 2
+    raise SystemExit(f"unknown data {name!r}: choose mnist1d or digits")
+
+
+def build_model(layer: str, options: dict, *, dims: int, length: int, seed: int,
+                channels: int = 48, inner_channels: int = 64, pool: int = 4) -> nn.Sequential:
+    """Stem conv + BatchNorm, the DEQ, BatchNorm, average pool, linear head; the same weights
+    for every variant of one seed (the layer holds no parameters of its own)."""
+    torch.manual_seed(seed)
+    conv, norm, avg = ((nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d) if dims == 1
+                       else (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d))
+    stem = conv(1, channels, 3, padding=1, bias=True)
+    cell = implicit.make_cell("resnet", channels=channels, inner_channels=inner_channels,
+                              dims=dims)
+    head_in = channels * (length // pool) ** dims
+    head = nn.Linear(head_in, 10)
+    return nn.Sequential(stem, norm(channels), VARIANTS[layer](cell, **options), norm(channels),
+                         avg(pool), nn.Flatten(), head)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+def spectral_radius(cell: nn.Module, z: torch.Tensor, x: torch.Tensor, iters: int = 40,
+                    tail: int = 10) -> torch.Tensor:
+    """Per-sample estimate of ρ(J) at ``z`` (J = ∂f/∂z): ``(‖(Jᵀ)^iters v‖ /
+    ‖(Jᵀ)^(iters−tail) v‖)^(1/tail)`` from a random v (Gelfand's formula; ρ(Jᵀ) = ρ(J))."""
+    with torch.enable_grad():
+        z0 = z.detach().requires_grad_()
+        fz = cell(z0, x.detach())
+        v = torch.randn_like(z0)
+        log_norm = torch.zeros(z.shape[0])
+        marks = {}
+        for i in range(1, iters + 1):
+            (v,) = autograd.grad(fz, z0, v, retain_graph=True)
+            norm = v.flatten(1).norm(dim=1).clamp_min(1e-30)
+            log_norm = log_norm + norm.log()
+            v = v / norm.view(-1, *[1] * (v.dim() - 1))
+            marks[i] = log_norm.clone()
+    return ((marks[iters] - marks[iters - tail]) / tail).exp()
+
+
+def _deq_of(model: nn.Sequential) -> nn.Module:
+    return model[2]
+
+
+def diagnose(model: nn.Sequential, x: torch.Tensor) -> dict:
+    """Residuals of the last training step's solves and ρ(J) at this batch's solution."""
+    layer = _deq_of(model)
+    with torch.no_grad():
+        u = model[1](model[0](x))
+    if isinstance(layer, TutorialDEQ):
+        fwd = layer.forward_res[-1] if layer.forward_res else float("nan")
+        bwd = layer.backward_res[-1] if layer.backward_res else float("nan")
+        z = layer.z_star
+        cell = layer.f
+    else:
+        sol, bsol = layer.solution, layer.backward_solution
+        fwd = float(sol.rel_residual.mean()) if sol is not None else float("nan")
+        bwd = float(bsol.abs_residual.mean()) if bsol is not None else float("nan")
+        cell = layer.cell
+        z = sol.z if sol is not None else None
+    rho = spectral_radius(cell, z, u) if z is not None and z.shape == u.shape else None
+    extra = ({"adjoint_ridge_share": layer.backward_stats.get("ridge_share", float("nan"))}
+             if isinstance(layer, TutorialDEQ) else {})
+    return {"forward_residual": fwd, "adjoint_residual": bwd, **extra,
+            "rho_mean": float(rho.mean()) if rho is not None else float("nan"),
+            "rho_max": float(rho.max()) if rho is not None else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def evaluate(model: nn.Module, data) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(data[0]), 500):
+            x, y = data[0][i:i + 500], data[1][i:i + 500]
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train()
+    return correct / len(data[0])
+
+
+def train(variant: str, *, data: str, epochs: int, seed: int, batch_size: int = 100,
+          lr: float = 2e-3, diagnose_every: int = 0, log=print, **model_options) -> dict:
+    layer, options = parse_variant(variant)
+    train_set, test_set, dims = load_data(data)
+    length = train_set[0].shape[-1]
+    model = build_model(layer, options, dims=dims, length=length, seed=seed, **model_options)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    n = len(train_set[0])
+    steps_per_epoch = -(-n // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    order = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    history, diagnostics, train_seconds, step = [], [], 0.0, 0
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n, generator=order)
+        total_loss = 0.0
+        for i in range(0, n, batch_size):
+            index = perm[i:i + batch_size]
+            x, y = train_set[0][index], train_set[1][index]
+            start = time.perf_counter()
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            train_seconds += time.perf_counter() - start
+            total_loss += float(loss.detach()) * len(index)
+            step += 1
+            if diagnose_every and step % diagnose_every == 0:
+                diagnostics.append({"step": step, **diagnose(model, x)})
+        accuracy = evaluate(model, test_set)
+        history.append({"epoch": epoch, "train_loss": total_loss / n, "test_accuracy": accuracy,
+                        "train_seconds": train_seconds})
+        log(f"{variant} seed {seed} epoch {epoch:3d}: loss {total_loss / n:.4f}  "
+            f"test {100 * accuracy:.2f}%  {train_seconds:.0f} s"
+            + (f"  rho {diagnostics[-1]['rho_mean']:.3f}  fwd {diagnostics[-1]['forward_residual']:.3g}"
+               f"  adj {diagnostics[-1]['adjoint_residual']:.3g}" if diagnostics else ""))
+    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs,
+            "model": model_options,
+            "test_accuracy": history[-1]["test_accuracy"], "train_seconds": train_seconds,
+            "history": history, "diagnostics": diagnostics, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def compare_gradients(variants: list[str], *, data: str, steps: int, seed: int,
+                      batch_size: int = 100, lr: float = 2e-3, log=print) -> dict:
+    """Train the first variant for ``steps`` steps, then take the parameter gradient of every
+    variant on the next batch with the same weights; cosines and norm ratios against the first
+    (the layers hold no parameters, so they are swapped in and out of one model)."""
+    train_set, _, dims = load_data(data)
+    length = train_set[0].shape[-1]
+    first, first_options = parse_variant(variants[0])
+    model = build_model(first, first_options, dims=dims, length=length, seed=seed)
+    cell = _deq_of(model).f if isinstance(_deq_of(model), TutorialDEQ) else _deq_of(model).cell
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(train_set[0])
+    perm = torch.cat([torch.randperm(n, generator=order) for _ in range(steps // (n // batch_size) + 2)])
+    for step in range(steps):
+        index = perm[step * batch_size:(step + 1) * batch_size]
+        loss = loss_fn(model(train_set[0][index]), train_set[1][index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    index = perm[steps * batch_size:(steps + 1) * batch_size]
+    x, y = train_set[0][index], train_set[1][index]
+    grads, notes = {}, {}
+    for spec in variants:
+        name, options = parse_variant(spec)
+        model[2] = VARIANTS[name](cell, **options)
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        grads[spec] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        notes[spec] = diagnose(model, x)
+    ref = grads[variants[0]]
+    out = {}
+    for spec, g in grads.items():
+        out[spec] = {"cosine": float(torch.nn.functional.cosine_similarity(g, ref, dim=0)),
+                     "norm_ratio": float(g.norm() / ref.norm()), **notes[spec]}
+        log(f"step {steps}  {spec:50s} cos {out[spec]['cosine']:.3f}  norm x{out[spec]['norm_ratio']:.2f}"
+            f"  rho {notes[spec]['rho_mean']:.3f}  fwd {notes[spec]['forward_residual']:.3g}"
+            f"  adj {notes[spec]['adjoint_residual']:.3g}")
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == variant]
+        acc = [r["test_accuracy"] for r in mine]
+        sec = [r["train_seconds"] for r in mine]
+        out[variant] = {
+            "seeds": [r["seed"] for r in mine],
+            "test_accuracy_mean": statistics.fmean(acc),
+            "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "train_seconds_mean": statistics.fmean(sec),
+            "train_seconds_std": statistics.stdev(sec) if len(sec) > 1 else 0.0,
+            "test_accuracy": acc, "train_seconds": sec,
+        }
+    return out
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    for color, variant in zip(colors, variants):
+        for j, r in enumerate(r for r in runs if r["variant"] == variant):
+            epochs = [h["epoch"] for h in r["history"]]
+            label = variant if j == 0 else None
+            axes[0].plot(epochs, [100 * h["test_accuracy"] for h in r["history"]], color=color,
+                         alpha=0.8, label=label)
+            axes[1].plot(epochs, [h["train_loss"] for h in r["history"]], color=color,
+                         alpha=0.8, label=label)
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy (one line per seed)")
+    low = min(100 * h["test_accuracy"] for r in runs for h in r["history"][len(r["history"]) // 3:])
+    axes[0].set_ylim(max(0, low - 2), 100)
+    axes[1].set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="mnist1d", choices=["mnist1d", "digits"])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=["tutorial", "implicit"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=48)
+    parser.add_argument("--inner-channels", type=int, default=64)
+    parser.add_argument("--diagnose-every", type=int, default=0)
+    parser.add_argument("--runs", type=Path, default=Path("bench-out/training-parity"),
+                        help="folder for one JSON per run (existing runs are reused)")
+    parser.add_argument("--out", type=Path, help="write results.json and curves.png here")
+    parser.add_argument("--compare-gradients", type=int, nargs="+", metavar="STEP",
+                        help="instead of training: gradients of every variant after STEP steps "
+                        "of the first (cosine and norm against it)")
+    args = parser.parse_args(argv)
+    for spec in args.variants:
+        parse_variant(spec)
+    torch.set_num_threads(args.threads)
+    if args.compare_gradients:
+        found = {steps: compare_gradients(args.variants, data=args.data, steps=steps,
+                                          seed=args.seeds[0])
+                 for steps in args.compare_gradients}
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gradients.json").write_text(json.dumps(found, indent=1))
+        return 0
+    args.runs.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            path = args.runs / (f"{args.data}-c{args.channels}-{args.inner_channels}-{variant}"
+                                f"-e{args.epochs}-seed{seed}.json")
+            if path.exists():
+                runs.append(json.loads(path.read_text()))
+                print(f"reusing {path}")
+                continue
+            run = train(variant, data=args.data, epochs=args.epochs, seed=seed,
+                        diagnose_every=args.diagnose_every, channels=args.channels,
+                        inner_channels=args.inner_channels)
+            path.write_text(json.dumps(run, indent=1))
+            runs.append(run)
+    summary = summarize(runs)
+    for variant, s in summary.items():
+        print(f"{variant:40s} test {100 * s['test_accuracy_mean']:.2f} ± "
+              f"{100 * s['test_accuracy_std']:.2f} %   train {s['train_seconds_mean']:.0f} ± "
+              f"{s['train_seconds_std']:.0f} s   (seeds {s['seeds']})")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/training_parity.py " + " ".join(argv or sys.argv[1:])
+        (args.out / "results.json").write_text(json.dumps(
+            {"command": command, "summary": summary, "runs": runs}, indent=1))
+        plot(runs, args.out / "curves.png",
+             f"{args.data}, {args.epochs} epochs, seeds {args.seeds}, {args.threads} thread(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

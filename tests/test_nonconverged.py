@@ -1,0 +1,167 @@
+"""What a capped (non-converged) solve returns and which gradient it forms.
+
+In real DEQ training the solves hit ``max_iter`` long before ``tol``; these tests pin the
+chosen behaviour there, against references computed here (plain loops, dense Jacobians), not
+with the loop or the backward under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicit
+
+
+def _oscillating_map(z):
+    # f(z) = -1.5 z + 1: forward iteration moves away from z* = 0.4, so the residual grows
+    # every step and the best iterate is the first one
+    return -1.5 * z + 1.0
+
+
+@pytest.mark.parametrize("returns", ["best", "last"])
+def test_capped_solve_returns_the_chosen_iterate(returns):
+    z0 = torch.tensor([[0.0, 0.3], [0.5, 1.0]], dtype=torch.float64)
+    sol = implicit.solve(_oscillating_map, z0, solver="forward", max_iter=5, policy="ignore",
+                         returns=returns, divergence_factor=0.0, stop="abs", tol=1e-12)
+    iterates = [z0]
+    for _ in range(4):  # 5 calls of f: f(z0) and one per step
+        iterates.append(_oscillating_map(iterates[-1]))
+    residual = [torch.linalg.vector_norm(_oscillating_map(z) - z, dim=1) for z in iterates]
+    if returns == "last":
+        expected = iterates[-1]
+    else:
+        index = torch.stack(residual).argmin(0)
+        expected = torch.stack(iterates)[index, torch.arange(2)]
+    torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-12)
+    truth = torch.linalg.vector_norm(_oscillating_map(sol.z) - sol.z, dim=1)
+    torch.testing.assert_close(sol.abs_residual, truth, rtol=1e-12, atol=0)
+    assert not sol.converged.any() and sol.status is implicit.Status.MAX_ITER
+
+
+def test_last_iterate_of_a_sample_that_turns_nonfinite_is_its_last_finite_one():
+    calls = []
+
+    def f(z):
+        calls.append(z.clone())
+        out = 0.5 * z + 1
+        if len(calls) == 3:  # the third call poisons sample 1
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    sol = implicit.solve(f, z0, solver="forward", max_iter=6, policy="ignore", returns="last")
+    assert sol.sample_status.tolist() == [implicit.Status.MAX_ITER.code,
+                                          implicit.Status.NONFINITE.code]
+    assert torch.isfinite(sol.z).all()
+    # sample 1 was last finite at the iterate the second call produced, f(f(0))... = z_1
+    torch.testing.assert_close(sol.z[1], calls[1][1], rtol=0, atol=0)
+
+
+def test_returns_is_validated():
+    with pytest.raises(ValueError, match="returns must be one of"):
+        implicit.make_solver("anderson", returns="final")
+
+
+def _cell(seed=0, features=4, in_features=3, scale=0.9):
+    torch.manual_seed(seed)
+    cell = implicit.make_cell("tanh", features=features, in_features=in_features).double()
+    with torch.no_grad():
+        cell.W.weight.mul_(scale / torch.linalg.matrix_norm(cell.W.weight, ord=2))
+    return cell
+
+
+def _dense_gradients(cell, z, x, upstream, gain=1.0, step=False):
+    """``uᵀ ∂f/∂θ`` and ``uᵀ ∂f/∂x`` at ``z`` with ``u = (I − gain · Jᵀ)⁻¹ upstream``, J
+    dense; ``step``: the layer returned ``f(z)``, so ``u = y + (I − gain · Jᵀ)⁻¹ Jᵀ y`` (the
+    step's own path plus the adjoint of what reaches ``z``)."""
+    params = [p for p in cell.parameters()]
+    grads_p, grads_x = [torch.zeros_like(p) for p in params], torch.zeros_like(x)
+    for i in range(z.shape[0]):
+        zi, xi = z[i].detach(), x[i].detach()
+        jac = torch.autograd.functional.jacobian(lambda v: cell(v[None], xi[None])[0], zi)
+        system = torch.eye(len(zi), dtype=z.dtype) - gain * jac.T
+        u = (upstream[i] + torch.linalg.solve(system, jac.T @ upstream[i]) if step
+             else torch.linalg.solve(system, upstream[i]))
+        xi = xi.clone().requires_grad_()
+        out = cell(zi[None], xi[None])[0]
+        gs = torch.autograd.grad(out, [*params, xi], u)
+        for acc, g in zip(grads_p, gs[:-1]):
+            acc += g
+        grads_x[i] = gs[-1]
+    return grads_p, grads_x
+
+
+@pytest.mark.parametrize("readout", ["state", "step"])
+def test_capped_forward_gets_the_implicit_gradient_at_the_returned_iterate(readout):
+    """A forward solve stopped after 3 calls: the gradient is the (default: damped, in training)
+    IFT formula evaluated at the iterate it returned (the adjoint solved tightly), for both
+    readouts."""
+    cell = _cell()
+    layer = implicit.DEQ(cell, solver="forward", backward=implicit.make_backward(
+        "ift", tol=1e-13, max_iter=400), max_iter=3, policy="ignore", readout=readout)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert not layer.solution.converged.any()
+    z_star = layer.solution.z
+    expected_out = cell(z_star, x.detach()) if readout == "step" else z_star
+    torch.testing.assert_close(out.detach(), expected_out, rtol=0, atol=1e-14)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    grads_p, grads_x = _dense_gradients(cell, z_star, x, upstream,
+                                        gain=1 - layer.backward.damping,
+                                        step=readout == "step")
+    for p, g in zip(cell.parameters(), grads_p):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(x.grad, grads_x, rtol=1e-8, atol=1e-10)
+
+
+def test_step_readout_is_one_more_cell_call_and_passes_gradcheck():
+    cell = _cell(scale=0.6)
+    exact = implicit.make_backward("ift", damping=0.0)
+    layer = implicit.DEQ(cell, solver="anderson", backward=exact, tol=1e-11, stop="abs",
+                         max_iter=200, readout="step")
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    with pytest.raises(ValueError, match="readout must be one of"):
+        implicit.DEQ(cell, solver="anderson", backward="ift", readout="f")
+
+
+def _dense_adjoint_gradients(cell, z, x, upstream, gain):
+    """``uᵀ ∂f/∂θ`` with ``u = (I − gain · Jᵀ)⁻¹ upstream`` per sample, J dense."""
+    params = list(cell.parameters())
+    grads = [torch.zeros_like(p) for p in params]
+    for i in range(z.shape[0]):
+        zi, xi = z[i].detach(), x[i].detach()
+        jac = torch.autograd.functional.jacobian(lambda v: cell(v[None], xi[None])[0], zi)
+        u = torch.linalg.solve(torch.eye(len(zi), dtype=z.dtype) - gain * jac.T, upstream[i])
+        for acc, g in zip(grads, torch.autograd.grad(cell(zi[None], xi[None])[0], params, u)):
+            acc += g
+    return grads
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("damping", [0.0, 0.2, 0.7])
+def test_ift_damps_its_adjoint_in_training_only(damping, training):
+    cell = _cell(scale=0.95)
+    backward = implicit.make_backward("ift", tol=1e-13, max_iter=400, damping=damping)
+    layer = implicit.DEQ(cell, solver="anderson", backward=backward, tol=1e-12, stop="abs",
+                         max_iter=300).train(training)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    out = layer(x)
+    assert layer.solution.all_converged
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    gain = 1 - damping if training else 1.0
+    expected = _dense_adjoint_gradients(cell, layer.solution.z, x, upstream, gain)
+    for p, g in zip(cell.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
+    assert layer.backward_solution.all_converged
+
+
+def test_default_ift_is_damped_in_training_and_exact_in_eval():
+    backward = implicit.make_backward("ift")
+    assert 0 < backward.damping < 1
+    with pytest.raises(ValueError, match="damping must be a number in"):
+        implicit.make_backward("ift", damping=1.0)
