@@ -421,6 +421,25 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def markdown(summary: dict, reference: str = "tutorial") -> str:
+    """The README table of a summary: accuracy mean ± std, per-seed values, training time and
+    its ratio to ``reference``'s (per seed, then averaged)."""
+    lines = ["| layer | test accuracy (mean ± std) | per seed | training time | ÷ tutorial |",
+             "|---|---|---|---|---|"]
+    ref = summary.get(reference)
+    for variant, s in summary.items():
+        ratio = "—"
+        if ref is not None and variant != reference and s["seeds"] == ref["seeds"]:
+            ratios = [a / b for a, b in zip(s["train_seconds"], ref["train_seconds"])]
+            ratio = f"{statistics.fmean(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)})"
+        lines.append(
+            f"| `{variant}` | {100 * s['test_accuracy_mean']:.2f} ± "
+            f"{100 * s['test_accuracy_std']:.2f} % | "
+            f"{', '.join(f'{100 * a:.1f}' for a in s['test_accuracy'])} | "
+            f"{s['train_seconds_mean']:.0f} ± {s['train_seconds_std']:.0f} s | {ratio} |")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -495,6 +514,7 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(run, indent=1))
             runs.append(run)
     summary = summarize(runs)
+    print(markdown(summary))
     for variant, s in summary.items():
         print(f"{variant:40s} test {100 * s['test_accuracy_mean']:.2f} ± "
               f"{100 * s['test_accuracy_std']:.2f} %   train {s['train_seconds_mean']:.0f} ± "
