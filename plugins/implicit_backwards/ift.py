@@ -24,8 +24,9 @@ gradient, ``δ → 1`` the Jacobian-free one (Fung et al. 2022: ``w = y``). The 
 (../shared/seeds/001) damps its adjoint too, by accident: its absolute Anderson ridge 1e-4
 dominates the Gram matrix of a mean-reduced loss's tiny gradients and turns the mix into an
 average. Measured on MNIST-1D (``benchmarks/training_parity.py``, README "Training parity"):
-the exact adjoint trains 1–2 points worse there, in the tutorial's code as in ours, and the
-damped one matches or beats the tutorial. Outside training (``eval()`` layers, contract checks)
+the exact adjoint trains 1–2 points worse there after 10 epochs, in the tutorial's code as in
+ours, and the damped one matches or beats the tutorial; on digits with the 2-D cell the
+exact adjoint did better (README), so ``damping=0`` stays one option away. Outside training (``eval()`` layers, contract checks)
 the adjoint is exact whatever ``damping`` says.
 
 **Higher derivatives are exact too.** Under ``create_graph=True`` the backward is itself built
