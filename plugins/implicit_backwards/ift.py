@@ -25,9 +25,9 @@ gradient, ``δ → 1`` the Jacobian-free one (Fung et al. 2022: ``w = y``). The 
 dominates the Gram matrix of a mean-reduced loss's tiny gradients and turns the mix into an
 average. Measured on MNIST-1D (``benchmarks/training_parity.py``, README "Training parity"):
 the exact adjoint trains 1–2 points worse there after 10 epochs, in the tutorial's code as in
-ours, and the damped one matches or beats the tutorial; on digits with the 2-D cell the
-exact adjoint did better (README), so ``damping=0`` stays one option away. Outside training (``eval()`` layers, contract checks)
-the adjoint is exact whatever ``damping`` says.
+ours, and the damped one matches or beats the tutorial; on digits with the 2-D cell the exact
+adjoint did better (README), so ``damping=0`` stays one option away. Outside training
+(``eval()`` layers, contract checks) the adjoint is exact whatever ``damping`` says.
 
 **Higher derivatives are exact too.** Under ``create_graph=True`` the backward is itself built
 from differentiable pieces: ``z*`` is this layer's saved output (so its dependence on θ is
