@@ -28,8 +28,8 @@ from .registry import (
 )
 from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver import FlatResult, Solver, iterate
-from .specs import (BackwardSpec, CellExample, CellSpec, OptionSpec, SolverSpec, Workload,
-                    seeded)
+from .specs import (BackwardSpec, CellExample, CellSpec, Guarantee, Instance, OptionSpec,
+                    SolverSpec, Workload, seeded)
 
 try:
     __version__ = version("implicit-layers")
@@ -47,6 +47,8 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "FlatResult",
+    "Guarantee",
+    "Instance",
     "OptionError",
     "OptionSpec",
     "PluginError",

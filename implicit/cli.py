@@ -68,16 +68,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    return verify(only=args.plugins, max_examples=args.max_examples)
+    extra = ("-k", args.keyword) if args.keyword else ()
+    return verify(only=args.plugins, max_examples=args.max_examples, report=args.report,
+                  extra_args=extra, shrink=False if args.no_shrink else None)
 
 
-def verify(only=(), *, registry=None, max_examples=None, extra_args=()) -> int:
-    """Run the contract suite (pytest + Hypothesis); 0 when every contract holds."""
+def _coverage_notes(registry, only) -> list[str]:
+    """What the suite cannot certify for the selected plugins, said in the report."""
+    from .testing.checks import guarantees_of
+
+    keep = set(only or ())
+    notes = []
+    for entry in registry.entries():
+        if keep and not {entry.name, entry.plugin, entry.distribution} & keep:
+            continue
+        if entry.kind == "solver" and not guarantees_of(entry.spec):
+            notes.append(f"solver {entry.name} declares no guarantee: its contracts certify "
+                         "honest records and budgets, not that it ever converges")
+        if (entry.kind != "cell" and entry.spec.option_strategy is None
+                and entry.spec.option_schema):
+            notes.append(f"{entry.kind} {entry.name} declares no option_strategy: only its "
+                         "default options are exercised")
+    return notes
+
+
+def verify(only=(), *, registry=None, max_examples=None, extra_args=(), report=None,
+           shrink=None) -> int:
+    """Run the contract suite (pytest + Hypothesis); 0 when every contract holds.
+
+    ``report`` (a folder): also write ``report.json`` and ``report.md`` there — per case and
+    contract, the claims made over the drawn examples and why the others were not — and print
+    the table."""
     import importlib
     import os
+    import tempfile
+    from pathlib import Path
 
     if max_examples is not None:
         os.environ["IMPLICIT_VERIFY_MAX_EXAMPLES"] = str(max_examples)
+    if shrink is not None:  # None: as IMPLICIT_VERIFY_SHRINK says (default: shrink)
+        os.environ["IMPLICIT_VERIFY_SHRINK"] = "1" if shrink else "0"
     try:
         import pytest
 
@@ -90,7 +120,7 @@ def verify(only=(), *, registry=None, max_examples=None, extra_args=()) -> int:
     except ValueError as exc:  # a bad IMPLICIT_VERIFY_* setting
         print(f"implicit verify: {exc}", file=sys.stderr)
         return 2
-    if suite.MAX_EXAMPLES != suite.max_examples():
+    if suite.MAX_EXAMPLES != suite.max_examples() or suite.SHRINK != suite.shrink():
         suite = importlib.reload(suite)  # the example count is fixed when the suite is built
     from .testing.checks import matrix
 
@@ -104,7 +134,31 @@ def verify(only=(), *, registry=None, max_examples=None, extra_args=()) -> int:
         f"{len(found)} {kind.replace('_', ' ')}" for kind, found in cases.items()))
     argv = [suite.__file__, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
             "-W", "ignore::implicit.ConvergenceWarning", *extra_args]
-    return int(pytest.main(argv, plugins=[plugin]))
+    if report is None:
+        return int(pytest.main(argv, plugins=[plugin]))
+    from .testing.claims import REPORT_ENV, format_report, read_report
+
+    folder = Path(report)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = Path(tmp) / "tallies.jsonl"
+        previous = os.environ.get(REPORT_ENV)
+        os.environ[REPORT_ENV] = str(lines)
+        try:
+            code = int(pytest.main(argv, plugins=[plugin]))
+        finally:
+            if previous is None:
+                os.environ.pop(REPORT_ENV, None)
+            else:
+                os.environ[REPORT_ENV] = previous
+        rows = read_report(lines)
+    notes = _coverage_notes(plugin.registry, only)
+    (folder / "report.json").write_text(json.dumps(
+        {"exit_code": code, "cases": rows, "notes": notes}, indent=1) + "\n")
+    table = format_report(rows, notes)
+    (folder / "report.md").write_text(table)
+    print(table)
+    return code
 
 
 def _positive_int(value: str) -> int:
@@ -181,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
                                help="plugin names, entry-point names or distributions")
     verify_parser.add_argument("--max-examples", type=_positive_int,
                                help="Hypothesis examples per solver case (default 10)")
+    verify_parser.add_argument("--no-shrink", action="store_true",
+                               help="report the first failing example, not a minimal one "
+                               "(faster on a broken plugin)")
+    verify_parser.add_argument("-k", dest="keyword", metavar="EXPRESSION",
+                               help="only the contract cases matching this pytest -k "
+                               "expression, e.g. -k 'efficacy or fault'")
+    verify_parser.add_argument("--report", metavar="DIR",
+                               help="write report.json and report.md to DIR (claims made / "
+                               "examples per case and contract, reasons for no claim) and "
+                               "print the table")
     verify_parser.set_defaults(func=cmd_verify)
     return parser
 

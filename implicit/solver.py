@@ -280,7 +280,8 @@ def iterate(
     codes = torch.where(converged, Status.CONVERGED.code, codes)
     codes = codes.to(torch.int8)
     worst = Status.from_code(int(codes.max())) if codes.numel() else Status.CONVERGED
-    stats = solver.stats(state)
+    # loop_steps: steps taken; n_calls − 1 of them exactly when every step made one call
+    stats = {**solver.stats(state), "loop_steps": step_index}
     solver.release(state)
     record = Solution(
         z=spec.unflatten(best.z.detach()) if spec is not None else best.z.detach(),

@@ -33,11 +33,13 @@ KNOWN_CAPABILITIES: Mapping[str, frozenset[str]] = {
             "forward_ad",  # torch.func.jvp works through the cell
             "tuple_state",  # the state is a tuple of tensors
             "stochastic",  # random in train mode (e.g. variational dropout)
+            "lipschitz_bounded",  # its strategy's examples carry a Lipschitz bound L < 1
         }
     ),
     "backward": frozenset(
         {
             "second_order",  # gives correct second derivatives
+            "backprop_through_iterates",  # the gradient of the solver's own iterates (unrolled)
             "exact",  # the gradient is exact up to the solver tolerances (vs approximate)
             "adjoint_solver",  # takes a `solver` option: the solver of its adjoint problem
         }
@@ -197,6 +199,10 @@ class PluginSpec:
         equivalents: how other libraries name the same thing, for ``implicit bench --compare``
             (e.g. ``{"torchdeq": "anderson"}`` for a solver, ``{"torchdeq": {"ift": True}}``
             for a backward: the keyword arguments of ``torchdeq.get_deq``).
+        option_strategy: for the contract suite, a callable returning a Hypothesis strategy of
+            option dicts (keys from the schema) covering the options' valid space; every
+            contract of the plugin draws its options from it (imported lazily: Hypothesis is a
+            test dependency). ``None``: only the defaults are exercised, and the report says so.
     """
 
     kind: ClassVar[str] = "plugin"
@@ -219,6 +225,9 @@ class PluginSpec:
     equivalents: Mapping[str, Any] = attrs.field(
         factory=dict, converter=dict, validator=v.deep_mapping(v.instance_of(str), lambda *a: None)
     )
+    option_strategy: Optional[Callable[[], Any]] = attrs.field(
+        default=None, validator=v.optional(v.is_callable())
+    )
 
     @property
     def option_schema(self) -> Mapping[str, OptionSpec]:
@@ -240,11 +249,83 @@ class PluginSpec:
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+#: the problem classes an efficacy :class:`Guarantee` can be stated on
+GUARANTEE_PROBLEMS: Mapping[str, str] = {
+    "linear": "f(z) = A z + b per sample, float64, ‖A‖₂ = L < 1 (so I − A is nonsingular, "
+              "condition number ≤ (1 + L)/(1 − L)), state dimension n ≤ 6",
+    "contraction": "a cell drawn by its family's strategy with a known Lipschitz bound L < 1",
+}
+
+
+@attrs.frozen(kw_only=True)
+class Instance:
+    """What an efficacy bound may read about the drawn problem: state dimension ``n``, the
+    Lipschitz bound ``lipschitz`` (``‖A‖₂`` for a linear map), the largest initial residual
+    ``r0 = max_i ‖f(z0_i) − z0_i‖``, the absolute tolerance ``tol`` of the solve (``stop="abs"``)
+    and a bound ``scale`` on ``‖f(z0)‖`` (for the round-off floor)."""
+
+    n: int
+    lipschitz: float
+    r0: float
+    tol: float
+    scale: float = 1.0
+    dtype: torch.dtype = torch.float64
+
+
+def _check_problem(instance, attribute, value):
+    if value not in GUARANTEE_PROBLEMS:
+        raise ValueError(f"problem must be one of {sorted(GUARANTEE_PROBLEMS)}, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Guarantee:
+    """An efficacy claim: a theorem about the solver that the contract suite checks.
+
+    On every problem of the class ``problem`` (see :data:`GUARANTEE_PROBLEMS`), built with the
+    options ``options(instance, drawn)`` (the drawn ones, changed where the theorem's hypotheses
+    need it, e.g. Anderson's ``m ≥ n + 1``), a solve with ``stop="abs"`` and tolerance ``instance.tol``
+    converges every sample within ``calls(solver, instance)`` calls of f. ``calls`` returns
+    ``None`` when the hypotheses do not hold for these options (the case is then counted as no
+    claim, and a case with too few claims fails as vacuous). ``statement`` is the theorem with
+    its source and the slack allowed for finite precision, as the report shows it.
+
+    Example (a solver that finds the root of a linear map in one Newton step)::
+
+        Guarantee(problem="linear", statement="one Newton step is exact on an affine map",
+                  calls=lambda solver, inst: 2)
+    """
+
+    problem: str = attrs.field(validator=_check_problem)
+    calls: Callable[[Any, Instance], Optional[int]] = attrs.field(validator=v.is_callable())
+    statement: str = attrs.field(validator=v.instance_of(str))
+    options: Callable[[Instance, Mapping[str, Any]], Mapping[str, Any]] = attrs.field(
+        default=lambda instance, drawn: drawn, validator=v.is_callable()
+    )
+
+
+def _check_guarantees(instance, attribute, value):
+    for key, guarantee in value.items():
+        if not isinstance(key, str) or not _NAME.match(key):
+            raise ValueError(f"guarantee names must be lower_snake_case, got {key!r}")
+        if not isinstance(guarantee, Guarantee):
+            raise TypeError(f"guarantees[{key!r}] must be an implicit.Guarantee, got "
+                            f"{type(guarantee).__name__}")
+
+
 @attrs.frozen(kw_only=True)
 class SolverSpec(PluginSpec):
-    """A fixed-point solver; the factory returns an :class:`implicit.Solver`."""
+    """A fixed-point solver; the factory returns an :class:`implicit.Solver`.
+
+    ``guarantees`` names the theorems the solver claims (:class:`Guarantee`); each one gets an
+    efficacy contract. A solver that claims none is told so by ``implicit verify --report``:
+    its contracts then certify honesty (truthful records, budgets), not that it ever converges.
+    """
 
     kind: ClassVar[str] = "solver"
+
+    guarantees: Mapping[str, Guarantee] = attrs.field(
+        factory=dict, converter=dict, validator=_check_guarantees
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -262,6 +343,12 @@ class BackwardSpec(PluginSpec):
     adjoint_error_bound: Optional[Callable[[Any, float], float]] = attrs.field(
         default=None, validator=v.optional(v.is_callable())
     )
+    #: ``adjoint_formula(strategy, J, y)``: the adjoint the strategy's gradient implies, as a
+    #: dense expression of the ``(n, n)`` Jacobian at ``z*`` and the ``(n,)`` upstream gradient
+    #: (e.g. phantom's ``λ Σ_{j<k} (Mᵀ)ʲ y``); the contract suite checks the strategy against it
+    #: for its drawn options, which a bound alone cannot (it cannot tell two approximations apart)
+    adjoint_formula: Optional[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = (
+        attrs.field(default=None, validator=v.optional(v.is_callable())))
 
 
 def _check_shape(instance, attribute, value):
@@ -303,6 +390,9 @@ class CellSpec(PluginSpec):
     strategy: Optional[Callable[..., Any]] = attrs.field(
         default=None, validator=v.optional(v.is_callable())
     )
+    #: ``"cheap"`` cells get the full solver × backward gradient matrix in the contract suite;
+    #: ``"costly"`` ones (convolutions, attention) are checked with the primary solver only
+    contract_cost: str = attrs.field(default="cheap", validator=v.in_(("cheap", "costly")))
     workloads: tuple[Workload, ...] = attrs.field(
         default=(), converter=tuple, validator=v.deep_iterable(v.instance_of(Workload))
     )

@@ -24,6 +24,12 @@ def test_every_builtin_combination_has_contract_cases():
             assert any(n.startswith(f"{solver}-") for n in names["solver"])
     for backward in registry.names("backward"):
         assert any(n.startswith(f"{backward}-") for n in names["gradient"])
+    # every built-in solver claims a theorem, and gets its efficacy contract
+    for solver in registry.names("solver"):
+        assert any(n.startswith(f"{solver}-") for n in names["efficacy"]), solver
+    # every exact backward runs with every solver it can take, on the cheap cells
+    for solver in ("anderson", "broyden", "newton_krylov"):
+        assert f"ift-{solver}-tanh" in names["gradient"]
     assert all(cases.values())
 
 

@@ -30,16 +30,25 @@ from __future__ import annotations
 
 from .checks import (
     Case,
-    ContractViolation,
     check_adjoint,
+    check_backprop_through_iterates,
     check_batch_rows,
+    check_efficacy,
+    check_fault,
     check_gradient_contract,
     check_no_leak,
     check_nonfinite,
+    check_second_order,
     check_solver_contract,
+    guarantees_of,
+    linear_problem,
     matrix,
+    true_residuals,
 )
+from .claims import ContractViolation, Tally
 
-__all__ = ["Case", "ContractViolation", "check_adjoint", "check_batch_rows",
-           "check_gradient_contract", "check_no_leak", "check_nonfinite",
-           "check_solver_contract", "matrix"]
+__all__ = ["Case", "ContractViolation", "Tally", "check_adjoint",
+           "check_backprop_through_iterates", "check_batch_rows", "check_efficacy",
+           "check_fault", "check_gradient_contract", "check_no_leak", "check_nonfinite",
+           "check_second_order", "check_solver_contract", "guarantees_of", "linear_problem",
+           "matrix", "true_residuals"]

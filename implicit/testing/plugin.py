@@ -37,7 +37,8 @@ class ContractsPlugin:
 
 #: the suite's case arguments, by :func:`matrix` kind
 CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
-                  for kind in ("solver", "batch_rows", "gradient", "adjoint", "leak")}
+                  for kind in ("solver", "fault", "batch_rows", "efficacy", "gradient",
+                               "adjoint", "leak")}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,21 +1,24 @@
 """The contract suite (collected only when run by ``implicit verify`` or the opt-in plugin).
 
 Each test is parametrised over the registry by :mod:`implicit.testing.plugin` (ids = plugin
-names) and draws instances from the cells' Hypothesis strategies. Convergence itself is asserted
-only where it is guaranteed; elsewhere it is recorded as a Hypothesis event (see
-``--hypothesis-show-statistics``).
+names) and draws instances — and each plugin's options, from its declared ``option_strategy``
+— with Hypothesis. Every case counts what it claimed on its examples (a
+:class:`~implicit.testing.claims.Tally`) and fails as *vacuous* when a required claim was made
+on fewer than half of them; ``implicit verify --report`` prints the counts.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable, Iterable
 
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from implicit.registry import use_registry
 from implicit.testing import checks
+from implicit.testing.claims import Tally, record
 
 #: examples per case: ``IMPLICIT_VERIFY_MAX_EXAMPLES`` (``implicit verify --max-examples``), else
 #: the profile ``IMPLICIT_VERIFY_PROFILE``: ``ci`` (default, 10) or ``nightly`` (100)
@@ -32,9 +35,18 @@ def max_examples() -> int:
     return PROFILES[profile]
 
 
+def shrink() -> bool:
+    """``IMPLICIT_VERIFY_SHRINK=0`` (``implicit verify --no-shrink``): report the first failing
+    example instead of a minimal one — much faster when a plugin is broken."""
+    return os.environ.get("IMPLICIT_VERIFY_SHRINK", "1").strip().lower() not in ("0", "false",
+                                                                                "no", "off")
+
+
 MAX_EXAMPLES = max_examples()
+SHRINK = shrink()
 VERIFY = settings(derandomize=True, database=None, deadline=None, print_blob=True,
-                  max_examples=MAX_EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+                  max_examples=MAX_EXAMPLES, suppress_health_check=[HealthCheck.too_slow],
+                  phases=[p for p in Phase if SHRINK or p is not Phase.shrink])
 
 
 def _few(n: int) -> int:
@@ -42,56 +54,142 @@ def _few(n: int) -> int:
     return max(1, min(n * max(1, MAX_EXAMPLES // 10), MAX_EXAMPLES))
 
 
-@settings(VERIFY)
-@given(data=st.data())
-def test_solver_contract(contract_solver_case, data):
+def _run(case, contract: str, examples: int, body: Callable, required: Iterable[str]) -> None:
+    """Run ``body(data, tally)`` on ``examples`` drawn examples, then fail the case if a
+    ``required`` claim was made on fewer than half of them; record the tally."""
+    tally = Tally(case=str(case), contract=contract)
+
+    @settings(VERIFY, max_examples=examples)
+    @given(data=st.data())
+    def run(data):
+        tally.example()
+        with use_registry(case.registry):  # plugin names resolve in the case's registry
+            body(data, tally)
+
+    try:
+        run()
+        tally.require(required)
+    except BaseException:
+        tally.failed = True
+        raise
+    finally:
+        record(tally)  # a failing case is reported with what it had claimed
+
+
+def test_solver_contract(contract_solver_case):
     case = contract_solver_case
-    with use_registry(case.registry):  # plugin names resolve in the case's registry
+
+    def body(data, tally):
         dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
         example = case.example(data.draw, dtype)
         tols = [1e-3, 1e-5] if dtype == torch.float32 else [1e-5, 1e-9]
         tol = data.draw(st.sampled_from(tols), label="tol")
         stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
         max_iter = data.draw(st.integers(1, 60), label="max_iter")
-        converged = checks.check_solver_contract(case.registry, case.solver, example, tol=tol,
-                                                 stop=stop, max_iter=max_iter)
-        event(f"{case}: {'all converged' if converged else 'not all converged'}")
-        checks.check_nonfinite(case.registry, case.solver, example, case.batch_independent)
+        checks.check_solver_contract(case.registry, case.solver, example, tol=tol, stop=stop,
+                                     max_iter=max_iter, options=case.options(data.draw),
+                                     tally=tally)
+
+    _run(case, "solver", MAX_EXAMPLES, body, required=["truthful_record", "stops_when_done"])
 
 
-@settings(VERIFY, max_examples=_few(3))
-@given(data=st.data())
-def test_batch_rows_match_solving_alone(contract_batch_rows_case, data):
+def test_fault_mid_solve(contract_fault_case):
+    case = contract_fault_case
+
+    def body(data, tally):
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+        example = case.example(data.draw, dtype)
+        checks.check_fault(case.registry, case.solver, example,
+                           at_call=data.draw(st.integers(1, 6), label="at_call"),
+                           fault=data.draw(st.sampled_from(checks.FAULTS), label="fault"),
+                           independent=case.batch_independent,
+                           options=case.options(data.draw), tally=tally)
+
+    _run(case, "fault", _few(5), body, required=["fault_reported"])
+
+
+def test_batch_rows_match_solving_alone(contract_batch_rows_case):
     case = contract_batch_rows_case
-    with use_registry(case.registry):  # plugin names resolve in the case's registry
-        checks.check_batch_rows(case.registry, case.solver, case.example(data.draw, torch.float64))
+
+    def body(data, tally):
+        checks.check_batch_rows(case.registry, case.solver,
+                                case.example(data.draw, torch.float64),
+                                options=case.options(data.draw), tally=tally)
+
+    _run(case, "batch_rows", _few(3), body, required=["rows_match"])
 
 
-@settings(VERIFY, max_examples=_few(4))
-@given(data=st.data())
-def test_gradient_contract(contract_gradient_case, data):
+def test_efficacy(contract_efficacy_case):
+    case = contract_efficacy_case
+    guarantee = checks.guarantees_of(case.registry.get("solver", case.solver).spec)[
+        case.guarantee]
+
+    def body(data, tally):
+        options = case.options(data.draw)
+        if guarantee.problem == "linear":
+            n = data.draw(st.integers(1, 6), label="n")
+            lipschitz = data.draw(st.floats(0.1, 0.99), label="L")
+            fn, z0 = checks.linear_problem(n, lipschitz,
+                                           batch=data.draw(st.integers(1, 3), label="batch"),
+                                           seed=data.draw(st.integers(0, 2**16), label="seed"))
+            factor = data.draw(st.sampled_from([1e-8, 1e-6, 1e-4]), label="tol / r0")
+        else:
+            dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+            fn, z0, lipschitz = checks.contraction_problem(case.example(data.draw, dtype))
+            if lipschitz is None:
+                tally.no_claim("efficacy", "the cell's strategy gives no Lipschitz bound")
+                return
+            factor = data.draw(st.sampled_from([1e-2, 1e-4] if dtype == torch.float32
+                                               else [1e-4, 1e-8]), label="tol / r0")
+        checks.check_efficacy(case.registry, case.solver, case.guarantee, fn, z0,
+                              lipschitz=lipschitz, tol_factor=factor, options=options,
+                              tally=tally)
+
+    _run(case, "efficacy", MAX_EXAMPLES, body, required=["efficacy"])
+
+
+def test_gradient_contract(contract_gradient_case):
     case = contract_gradient_case
-    with use_registry(case.registry):  # plugin names resolve in the case's registry
-        checks.check_gradient_contract(case.registry, case.backward, case.solver,
-                                       case.example(data.draw, torch.float64))
+    spec = case.registry.get("backward", case.backward).spec
+    required = ["gradient"] + (["adjoint"] if "exact" in spec.capabilities
+                               or spec.adjoint_error_bound or spec.adjoint_formula else [])
+
+    def body(data, tally):
+        example = case.example(data.draw, torch.float64)
+        solver_options = case.options(data.draw)
+        backward_options = case.options(data.draw, kind="backward")
+        checks.check_gradient_contract(case.registry, case.backward, case.solver, example,
+                                       solver_options=solver_options,
+                                       backward_options=backward_options, tally=tally)
+        if "second_order" in spec.capabilities:
+            checks.check_second_order(case.registry, case.backward, case.solver, example,
+                                      solver_options=solver_options,
+                                      backward_options=backward_options, tally=tally)
+        if "backprop_through_iterates" in spec.capabilities:
+            checks.check_backprop_through_iterates(case.registry, case.backward, case.solver,
+                                                   example, solver_options=solver_options,
+                                                   tally=tally)
+
+    _run(case, "gradient", _few(4), body, required=required)
 
 
-@settings(VERIFY, max_examples=_few(2))
-@given(data=st.data())
-def test_adjoint_solver_contract(contract_adjoint_case, data):
+def test_adjoint_solver_contract(contract_adjoint_case):
     case = contract_adjoint_case
-    with use_registry(case.registry):  # plugin names resolve in the case's registry
-        error = checks.check_adjoint(case.registry, case.backward, case.solver,
-                                     case.example(data.draw, torch.float64),
-                                     adjoint=case.adjoint)
-        event(f"{case}: " + ("checked" if error is not None
-                             else "no claim (a solve did not converge)"))
+
+    def body(data, tally):
+        checks.check_adjoint(case.registry, case.backward, case.solver,
+                             case.example(data.draw, torch.float64), adjoint=case.adjoint,
+                             tally=tally)
+
+    _run(case, "adjoint", _few(2), body, required=["adjoint"])
 
 
-@settings(VERIFY, max_examples=1)
-@given(data=st.data())
-def test_no_leak_over_50_steps(contract_leak_case, data):
+def test_no_leak_over_50_steps(contract_leak_case):
     case = contract_leak_case
-    with use_registry(case.registry):  # plugin names resolve in the case's registry
+
+    def body(data, tally):
         checks.check_no_leak(case.registry, case.backward, case.solver,
                              case.example(data.draw, torch.float64), steps=50)
+        tally.claim("no_leak")
+
+    _run(case, "leak", 1, body, required=["no_leak"])

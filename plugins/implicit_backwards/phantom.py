@@ -53,6 +53,25 @@ def phantom_bound(strategy: Phantom, jacobian_norm: float) -> float:
     return (1 - strategy.lam * (1 - jacobian_norm)) ** strategy.k
 
 
+def phantom_adjoint(strategy: Phantom, jac: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The documented implied adjoint ``λ Σ_{j<k} (Mᵀ)ʲ y``, ``M = (1 − λ) I + λ J``, from the
+    dense Jacobian ``J`` (``(n, n)``) and upstream gradient ``y`` (``(n,)``)."""
+    lam = float(strategy.lam)
+    m_t = (1 - lam) * torch.eye(jac.shape[0], dtype=jac.dtype) + lam * jac.T
+    term, total = y.clone(), torch.zeros_like(y)
+    for _ in range(strategy.k):
+        total += term
+        term = m_t @ term
+    return lam * total
+
+
+def _options():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({"k": st.integers(1, 8),
+                                  "lam": st.sampled_from([0.8, 1.0, 0.5, 0.3])})
+
+
 def jfb() -> Phantom:
     """Jacobian-free backprop: the gradient of one step f(z*) (phantom with k=1, lam=1)."""
     return Phantom(k=1, lam=1.0)
@@ -63,12 +82,14 @@ def implicit_register_backwards(register):
     register(
         implicit.BackwardSpec(
             name="phantom", factory=Phantom, adjoint_error_bound=phantom_bound,
+            adjoint_formula=phantom_adjoint, option_strategy=_options,
             equivalents={"torchdeq": {"grad": 5, "tau": 0.8}},
         )
     )
     register(
         implicit.BackwardSpec(
             name="jfb", factory=jfb, adjoint_error_bound=phantom_bound,
+            adjoint_formula=phantom_adjoint,
             equivalents={"torchdeq": {"grad": 1, "tau": 1.0}},
         )
     )

@@ -45,13 +45,21 @@ class Unrolled(implicit.BackwardStrategy):
             return implicit.iterate(solver, fn, problem.z0, spec=problem.spec, what=problem.what)
 
 
+def _options():
+    from hypothesis import strategies as st
+
+    # depth truncates the unrolling (not exact), so the exact contracts draw checkpoint only
+    return st.fixed_dictionaries({"checkpoint": st.booleans()})
+
+
 @implicit.hookimpl
 def implicit_register_backwards(register):
     register(
         implicit.BackwardSpec(
             name="unrolled",
             factory=Unrolled,
-            capabilities={"exact", "second_order"},
+            capabilities={"exact", "second_order", "backprop_through_iterates"},
             requires={"unrollable"},
+            option_strategy=_options,
         )
     )

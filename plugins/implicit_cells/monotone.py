@@ -124,7 +124,7 @@ def implicit_register_cells(register):
         implicit.CellSpec(
             name="monotone",
             factory=MonotoneCell,
-            capabilities={"batch_independent", "forward_ad"},
+            capabilities={"batch_independent", "forward_ad", "lipschitz_bounded"},
             strategy=examples,
             workloads=[
                 implicit.Workload(

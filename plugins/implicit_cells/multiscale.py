@@ -136,6 +136,7 @@ def implicit_register_cells(register):
         implicit.CellSpec(
             name="multiscale",
             factory=MultiscaleCell,
+            contract_cost="costly",  # the gradient matrix runs it with the primary solver only
             capabilities={"batch_independent", "tuple_state"},
             strategy=examples,
             workloads=[

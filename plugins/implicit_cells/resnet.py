@@ -108,6 +108,7 @@ def implicit_register_cells(register):
         implicit.CellSpec(
             name="resnet",
             factory=ResNetCell,
+            contract_cost="costly",  # the gradient matrix runs it with the primary solver only
             capabilities={"batch_independent"},
             strategy=examples,
             workloads=[

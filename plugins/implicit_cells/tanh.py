@@ -88,7 +88,7 @@ def implicit_register_cells(register):
         implicit.CellSpec(
             name="tanh",
             factory=TanhCell,
-            capabilities={"batch_independent", "forward_ad"},
+            capabilities={"batch_independent", "forward_ad", "lipschitz_bounded"},
             strategy=examples,
             workloads=[
                 implicit.Workload(

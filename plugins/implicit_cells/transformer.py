@@ -119,6 +119,7 @@ def implicit_register_cells(register):
         implicit.CellSpec(
             name="transformer",
             factory=TransformerCell,
+            contract_cost="costly",  # the gradient matrix runs it with the primary solver only
             capabilities={"batch_independent", "stochastic"},
             strategy=examples,
             workloads=[

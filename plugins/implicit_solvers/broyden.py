@@ -26,7 +26,7 @@ direction is a per-sample multiple of it, so none of these vectors is formed by 
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import attrs
 import torch
@@ -221,8 +221,45 @@ class Broyden(implicit.Solver):
         workspace.give(state.A, state.W)
 
 
+def linear_termination_calls(solver: Broyden, inst: implicit.Instance) -> Optional[int]:
+    """Gay 1979: on an affine map with nonsingular ``I − A``, "good" Broyden with full steps
+    finds the root within ``2n`` steps, whatever ``B₀``: ``2n + 1`` calls of f with ``f(z0)``.
+    The claim needs every update kept (``memory ≥ 2n``, so no restart) and no line search (it
+    may shorten the steps the theorem counts). Measured over 150 draws (n ≤ 6, tol 1e-8 · r0):
+    never above the bound, so no slack is added."""
+    if solver.memory < 2 * inst.n or solver.line_search:
+        return None
+    return 2 * inst.n + 1
+
+
+def _termination_options(inst: implicit.Instance, drawn: Mapping[str, Any]) -> dict:
+    return {**drawn, "memory": max(int(drawn.get("memory", 30)), 2 * inst.n),
+            "line_search": False}
+
+
+def _options():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({
+        "memory": st.integers(1, 40),
+        "line_search": st.booleans(),
+        "ls_steps": st.integers(1, 4),
+    })
+
+
 @implicit.hookimpl
 def implicit_register_solvers(register):
     register(
-        implicit.SolverSpec(name="broyden", factory=Broyden, equivalents={"torchdeq": "broyden"})
+        implicit.SolverSpec(
+            name="broyden", factory=Broyden, equivalents={"torchdeq": "broyden"},
+            option_strategy=_options,
+            guarantees={
+                "linear_termination": implicit.Guarantee(
+                    problem="linear", calls=linear_termination_calls,
+                    options=_termination_options,
+                    statement="Gay 1979: good Broyden with full steps terminates on an affine "
+                              "map within 2n steps (2n + 1 calls); memory >= 2n, no line "
+                              "search; no slack (never exceeded in 150 float64 draws)"),
+            },
+        )
     )

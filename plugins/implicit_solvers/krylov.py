@@ -14,7 +14,7 @@ cannot.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Optional
 
 import attrs
 import torch
@@ -153,8 +153,35 @@ def _inner_rtol(solver: implicit.Solver, z: torch.Tensor, fz: torch.Tensor) -> t
     return (0.5 * goal / res).clamp(max=0.5)
 
 
+def linear_termination_calls(solver: GMRES, inst: implicit.Instance) -> Optional[int]:
+    """GMRES minimises the residual over the Krylov space, which holds the solution after at
+    most ``n`` matrix-vector products (Saad & Schultz 1986), so one cycle with ``restart ≥ n``
+    is exact. Calls of the affine map: ``f(z0)``, ``n`` products ``f(z + v)``, the true
+    residual at the cycle's end and ``f`` at the new iterate: ``n + 3``."""
+    if solver.restart < inst.n:
+        return None
+    return inst.n + 3
+
+
+def _options():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({"restart": st.integers(1, 30)})
+
+
 @implicit.hookimpl
 def implicit_register_solvers(register):
     register(
-        implicit.SolverSpec(name="gmres", factory=GMRES, capabilities={"linear_only"})
+        implicit.SolverSpec(
+            name="gmres", factory=GMRES, capabilities={"linear_only"},
+            option_strategy=_options,
+            guarantees={
+                "linear_termination": implicit.Guarantee(
+                    problem="linear", calls=linear_termination_calls,
+                    options=lambda inst, drawn: {**drawn, "restart": max(
+                        int(drawn.get("restart", 20)), inst.n)},
+                    statement="Saad & Schultz 1986: GMRES is exact within n products; with "
+                              "restart >= n one cycle: n + 3 calls of the affine map"),
+            },
+        )
     )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping, Optional
 
 import attrs
 import numpy as np
@@ -210,7 +210,12 @@ class NewtonKrylov(implicit.Solver):
         state.scipy_failures += batch.failures
         state.newton_steps += max(outer, default=0)  # the slowest sample's outer iterations
         fn.sample_calls = batch.calls
-        return batch.best_z, batch.best_fz, state
+        # a sample whose f turned NaN/Inf hands the loop that evaluation, which reports it
+        # NONFINITE and stops it (the loop keeps its best finite iterate); otherwise scipy
+        # would be restarted on it at every loop step until the budget ran out, as MAX_ITER
+        bad = batch.nonfinite[:, None]
+        return (torch.where(bad, batch.bad_z, batch.best_z),
+                torch.where(bad, batch.bad_fz, batch.best_fz), state)
 
 
 class _BudgetSpent(Exception):
@@ -231,6 +236,9 @@ class _Lockstep:
         self.running = set(todo)
         self.calls = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
         self.failures = 0
+        # the first non-finite evaluation of each sample, if any
+        self.nonfinite = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        self.bad_z, self.bad_fz = z.clone(), fz.clone()
 
     def start(self, i: int) -> np.ndarray:
         return self.base[i].detach().double().cpu().numpy()
@@ -276,6 +284,11 @@ class _Lockstep:
             fz = self.fn(z)
             self.calls[index] += 1
             res = torch.linalg.vector_norm(fz - z, dim=1)
+            first_bad = torch.zeros_like(self.nonfinite)
+            first_bad[index] = ~torch.isfinite(res[index]) & ~self.nonfinite[index]
+            self.bad_z = torch.where(first_bad[:, None], z, self.bad_z)
+            self.bad_fz = torch.where(first_bad[:, None], fz, self.bad_fz)
+            self.nonfinite |= first_bad
             better = torch.zeros_like(res, dtype=torch.bool)
             better[index] = res[index] < self.best_res[index]
             self.best_z = torch.where(better[:, None], z, self.best_z)
@@ -288,6 +301,40 @@ class _Lockstep:
                 self.cv.notify_all()
 
 
+def linear_termination_calls(solver: NewtonKrylov, inst: implicit.Instance) -> Optional[int]:
+    """Newton's method is exact in one step on an affine map: ``z1 = z0 + (I − A)⁻¹ g(z0)``.
+    The torch backend solves the Newton system by GMRES, which in exact arithmetic is exact
+    within ``n`` iterations (``inner_m, inner_maxiter ≥ n``), and stops it at the relative
+    forcing tolerance ``eta``: then ``‖g(z1)‖ ≤ eta · ‖g(z0)‖ ≤ tol`` for ``eta ≤ tol / r0``
+    (we ask half of that, for the round-off of forward-mode JVPs). Two calls: ``f(z0)`` and
+    ``f(z1)``, which the line search accepts. The scipy backend counts its finite-difference
+    evaluations as calls and is not claimed."""
+    if (solver.backend != "torch" or solver.forcing != "constant" or solver.jvp != "forward_ad"
+            or min(solver.inner_m, solver.inner_maxiter) < inst.n
+            or solver.eta > 0.5 * inst.tol / inst.r0):
+        return None
+    return 2
+
+
+def _termination_options(inst: implicit.Instance, drawn: Mapping[str, Any]) -> dict:
+    return {**drawn, "backend": "torch", "forcing": "constant", "jvp": "forward_ad",
+            "eta": min(float(drawn.get("eta", 1e-2)), 0.5 * inst.tol / inst.r0),
+            "inner_m": max(int(drawn.get("inner_m", 30)), inst.n),
+            "inner_maxiter": max(int(drawn.get("inner_maxiter", 30)), inst.n)}
+
+
+def _options():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({
+        "backend": st.sampled_from(["auto", "torch", "scipy"]),
+        "forcing": st.sampled_from(["eisenstat_walker", "constant"]),
+        "eta": st.sampled_from([1e-2, 1e-4, 0.3]),
+        "inner_m": st.integers(2, 30),
+        "line_search": st.booleans(),
+    })
+
+
 @implicit.hookimpl
 def implicit_register_solvers(register):
     register(
@@ -295,5 +342,14 @@ def implicit_register_solvers(register):
             name="newton_krylov",
             factory=NewtonKrylov,
             capabilities={"uses_jvp"},
+            option_strategy=_options,
+            guarantees={
+                "linear_termination": implicit.Guarantee(
+                    problem="linear", calls=linear_termination_calls,
+                    options=_termination_options,
+                    statement="one Newton step is exact on an affine map: torch backend, "
+                              "GMRES inner solve with inner_m, inner_maxiter >= n and constant "
+                              "forcing eta <= tol / (2 r0): 2 calls"),
+            },
         )
     )
