@@ -148,3 +148,30 @@ def test_forward_ad_falls_back_to_finite_differences():
     sol = implicit.solve(lambda z: NoForwardAD.apply(0.5 * z + 1), torch.zeros(2, 3, dtype=D64),
                          solver=nk("torch"), tol=1e-10, stop="abs", max_iter=50)
     assert sol.all_converged and sol.stats["jvp"] == "finite_difference"
+
+
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_a_sample_turning_nan_mid_solve_is_reported_nonfinite(backend):
+    """f returns NaN for sample 0 from its second call: that sample is NONFINITE and stopped
+    (the scipy backend used to restart scipy on it every loop step and report MAX_ITER)."""
+    with implicit.seeded(0) as gen:
+        cell = implicit.make_cell("tanh", features=6, in_features=6).double()
+        x = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        u = cell.injection(x)
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = cell.update(z, u)
+        if calls[0] >= 2:
+            out = out.clone()
+            out[0] = float("nan")
+        return out
+
+    solver = implicit.make_solver("newton_krylov", backend=backend, tol=1e-8, max_iter=30,
+                                  policy="ignore", line_search=False)
+    sol = implicit.solve(f, torch.zeros(3, 6, dtype=torch.float64), solver=solver)
+    assert implicit.Status.from_code(int(sol.sample_status[0])) is implicit.Status.NONFINITE
+    assert bool(sol.converged[1:].all())
+    assert sol.n_calls < 30
