@@ -28,6 +28,7 @@ from .registry import (
 )
 from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver import FlatResult, Solver, iterate
+from . import accelerator
 from .specs import (BackwardSpec, CellExample, CellSpec, Guarantee, Instance, OptionSpec,
                     SolverSpec, Workload, seeded)
 
@@ -72,4 +73,5 @@ __all__ = [
     "stability",
     "use_registry",
     "Workload",
+    "accelerator",
 ]

@@ -54,6 +54,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
     config = BenchConfig(
         solvers=args.solvers, cells=args.cells, backwards=args.backwards, device=args.device,
+        workloads=args.workloads,
         dtype=args.dtype, batch=args.batch, tol=args.tol, stop=args.stop,
         max_iter=args.max_iter, repeat=repeat, seed=args.seed, quick=args.quick, out=args.out,
         isolate=args.isolate, plots=not args.no_plots, compare=args.compare,
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated solver names (default all); options as "
                        "name:key=value, e.g. anderson:m=10")
     bench.add_argument("--cells", type=_names, help="comma-separated cell names (default all)")
+    bench.add_argument("--workloads", type=_names,
+                       help="comma-separated workload names of those cells (default all), "
+                       "e.g. resnet_c48,tanh_d256")
     bench.add_argument("--backwards", type=_names,
                        help="comma-separated backward names (default all); options as "
                        "name:key=value, e.g. phantom:k=1,phantom:k=20,jfb,ift")

@@ -27,6 +27,7 @@ import attrs
 import torch
 from attrs import validators as v
 
+from . import accelerator
 from .solution import POLICIES, STOP_MODES, Solution, Status, apply_policy
 from .state import StateSpec
 from .validators import nonnegative_number, one_of, positive_int
@@ -199,7 +200,7 @@ def iterate(
     counted = Evaluator(fn, budget=solver.max_iter)
     # On CPU a host check costs nothing, so whole-batch shortcuts (skip the masking copies
     # while every sample is active) pay; on accelerators we avoid the synchronisations.
-    host_checks = z0.device.type == "cpu"
+    host_checks = accelerator.host_checks(z0)
     check_every = solver.check_every or (1 if host_checks else 4)
 
     tol = float(solver.tol)

@@ -21,6 +21,8 @@ import threading
 
 import torch
 
+from .accelerator import host_checks
+
 #: what the pool keeps by default: a few histories of a large CPU state
 DEFAULT_MAX_BYTES = 512 * 2**20
 
@@ -42,7 +44,7 @@ class Workspace:
     def empty(self, *shape: int, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised ``shape`` tensor with ``like``'s dtype and device: a pooled one when
         there is one of exactly that kind, else a new one. Give it back with :meth:`give`."""
-        if like.device.type == "cpu":
+        if host_checks(like):
             key = (tuple(shape), like.dtype)
             with self._lock:
                 for ident, buffer in self._free.items():
@@ -56,7 +58,7 @@ class Workspace:
         with self._lock:
             for buffer in buffers:
                 # an inference-mode tensor cannot be written outside inference mode: not kept
-                if (buffer.device.type != "cpu" or buffer.requires_grad or buffer.is_inference()
+                if (not host_checks(buffer) or buffer.requires_grad or buffer.is_inference()
                         or _nbytes(buffer) > self.max_bytes):
                     continue
                 self._free[id(buffer)] = buffer

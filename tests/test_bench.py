@@ -107,6 +107,16 @@ def test_matrix_respects_capabilities_and_requirements():
     assert not any(c.solver == "cpu_only" for c in cuda)
 
 
+def test_workloads_select_within_the_cells(registry):
+    template = Combination(solver="", cell="", workload="", backward="")
+    combos = build_matrix(registry, cells=["resnet", "tanh"], solvers=["anderson"],
+                          backwards=["ift"], workloads=["resnet_c48", "tanh_d256"],
+                          template=template)
+    assert {c.workload for c in combos} == {"resnet_c48", "tanh_d256"}
+    with pytest.raises(ValueError, match="unknown workloads \\['resnet_c64'\\]"):
+        build_matrix(registry, cells=["resnet"], workloads=["resnet_c64"], template=template)
+
+
 def test_compare_without_torchdeq_says_so_and_leaves_columns_out(tmp_path, registry,
                                                                  monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchdeq", None)  # import torchdeq -> ImportError

@@ -18,6 +18,7 @@ def build_matrix(
     solvers: Optional[Sequence[str]] = None,
     cells: Optional[Sequence[str]] = None,
     backwards: Optional[Sequence[str]] = None,
+    workloads: Optional[Sequence[str]] = None,
     quick: bool = False,
     device: str = "cpu",
     template: Combination,
@@ -49,6 +50,12 @@ def build_matrix(
         (e, o) for e, o in pick("solver", solvers) if "linear_only" not in e.spec.capabilities
     ]
     cell_entries = [e for e, _ in pick("cell", cells)]
+    if workloads:
+        known = {w.name for e in cell_entries for w in e.spec.workloads}
+        unknown = sorted(set(workloads) - known)
+        if unknown:
+            raise ValueError(f"unknown workloads {unknown} for the selected cells; known: "
+                             f"{sorted(known)}")
     backward_entries = pick("backward", backwards)
     # The primary pair: the first exact backward and the first unrollable solver (by name, from
     # declared capabilities). The float64 gradient reference uses the primary solver; --quick
@@ -61,7 +68,7 @@ def build_matrix(
     combos = []
     for cell in cell_entries:
         for workload in cell.spec.workloads:
-            if quick and not workload.quick:
+            if quick and not workload.quick or workloads and workload.name not in workloads:
                 continue
             for solver, solver_options in solver_entries:
                 if not solver.spec.requires <= cell.spec.capabilities:

@@ -28,6 +28,7 @@ class BenchConfig:
 
     solvers: Optional[tuple[str, ...]] = None
     cells: Optional[tuple[str, ...]] = None
+    workloads: Optional[tuple[str, ...]] = None  # workload names within the cells
     backwards: Optional[tuple[str, ...]] = None
     device: str = "cpu"
     dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(tuple(DTYPES)))
@@ -134,6 +135,7 @@ def run_bench(
     )
     combos = build_matrix(
         registry, solvers=config.solvers, cells=config.cells, backwards=config.backwards,
+        workloads=config.workloads,
         quick=config.quick, device=config.device, template=template,
     )
     if not combos:

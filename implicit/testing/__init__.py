@@ -6,22 +6,28 @@ printing the falsifying example. The checks are theorems for the instances a cel
 draws, so Hypothesis may search them adversarially:
 
 * **solver contract** (every solver × every cell with a strategy, ``linear_only`` solvers
-  excepted): the record is truthful (``converged[i]`` ⇔ recomputed residual ≤ tol), ``nfe`` and
-  ``n_calls`` stay within ``max_iter``, the output has the state's structure, dtype and device,
-  the caller's tensors are not mutated, no autograd graph is built, two solves are identical,
-  a map returning NaN for a sample has that sample reported non-finite (and, for
-  ``batch_independent`` cells, leaves the others alone); convergence is asserted only where it
-  is guaranteed (a ``contraction_convergent`` solver on a cell drawn with Lipschitz < 1);
-* **batch rows** (``batch_independent`` cells): each sample solved alone equals its row;
-* **gradient contract** (every backward, on every cell with a strategy, with the first
-  unrollable solver): gradients reach ``x`` and every parameter and are finite; for backwards
-  declaring ``exact``, the directional derivative matches central finite differences and the
-  implied adjoint ``w`` matches the dense ``(I − Jᵀ)⁻¹ y``; approximate backwards stay within
-  their declared ``adjoint_error_bound``;
+  excepted): the record is truthful against residuals recomputed from their definition in
+  float64 (:func:`true_residuals`), ``nfe``/``n_calls`` within ``max_iter`` and no calls after
+  every sample is done, ``n_calls = max_iter`` when a sample ran out of budget, the state's
+  structure, dtype and device kept, the caller's tensors untouched, no graph, deterministic;
+* **fault** (same cases): f turning NaN, Inf or divergent for one sample at a drawn call;
+* **batch rows** (``batch_independent`` cells): each sample solved alone equals its row, with
+  the same count;
+* **efficacy** (every declared :class:`implicit.Guarantee`): the theorem's bound on calls, on
+  linear maps or contractions;
+* **gradient contract** (every backward × every cell with the primary solver, and every
+  ``exact`` backward × every solver × ``cheap`` cell): gradients reach ``x`` and every
+  parameter and are finite; ``exact``: finite differences and the dense adjoint; approximate:
+  the declared ``adjoint_formula`` and ``adjoint_error_bound``; ``second_order``: Hessian-vector
+  products of a plain autograd loop; ``backprop_through_iterates``: the solver's own steps;
 * **adjoint solvers** (backwards declaring ``adjoint_solver`` × every solver): the implied
   adjoint is exact with that solver on the adjoint;
 * **no leak**: 50 training steps leave no hooks, free each graph without the garbage
   collector and keep the number of live tensors flat.
+
+Options are drawn from each plugin's ``option_strategy``; every case counts its claims
+(:class:`Tally`) and fails as vacuous when a required claim was made on fewer than half of its
+examples. ``implicit verify --report DIR`` writes the counts.
 
 The pytest plugin is opt-in: ``pytest -p implicit.testing.plugin``.
 """

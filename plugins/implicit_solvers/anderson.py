@@ -31,6 +31,7 @@ import attrs
 import torch
 
 import implicit
+from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
@@ -59,7 +60,7 @@ def anderson_weights(
     # a zero, infinite or NaN sum of w leaves a non-finite α, whose sum then is non-finite too
     failed = (info != 0) | ~torch.isfinite(alpha.sum(dim=-1))
     # (a host check is free on CPU and spares the fix-up there when nothing failed)
-    if gram.device.type != "cpu" or torch.compiler.is_compiling() or bool(failed.any()):
+    if not host_checks(gram) or bool(failed.any()):
         alpha.masked_fill_(failed.unsqueeze(-1), 0.0)
         alpha[:, newest if newest >= 0 else k + newest] += failed
     return alpha, failed

@@ -32,6 +32,7 @@ import attrs
 import torch
 
 import implicit
+from implicit.accelerator import host_checks
 from implicit.validators import positive_int
 from implicit.workspace import workspace
 
@@ -102,7 +103,7 @@ def secant_row(A: torch.Tensor, W: torch.Tensor, slot: int, numer: torch.Tensor,
         W[:, slot] = torch.where(skip[:, None], 0, r)
     else:  # eager: write straight into the history (these steps are memory-bound)
         torch.mul(numer, coef[:, None], out=A[:, slot])
-        if r.device.type != "cpu" or bool(skip.any()):  # a host check is free on CPU only
+        if not host_checks(r) or bool(skip.any()):  # a host check is free on CPU only
             W[:, slot].masked_fill_(skip[:, None], 0)
     return skip, r_norm > 0, coef
 
