@@ -130,11 +130,18 @@ class Solution:
         n = self.converged.numel()
         n_ok = int(self.converged.sum())
         worst = self.residual.max().item() if n else 0.0
-        return (
+        line = (
             f"{self.status.message} [{self.solver or 'solver'}: {n_ok}/{n} samples converged, "
             f"worst {self.stop} residual {worst:.3e} vs tol {self.tol:.1e}, "
             f"{self.n_calls} calls of f]"
         )
+        if self.stats.get("below_precision"):
+            line += (f"; tolerance below attainable precision at ‖f(z)‖ = "
+                     f"{self.stats['precision_scale']:.3g} for {self.stats['below_precision']} "
+                     f"sample(s): their residual met tol only within rounding "
+                     f"(implicit.solver.PRECISION · eps · ‖f(z)‖ for stop='abs', "
+                     f"PRECISION · eps for 'rel'); use a looser tol, float64, or stop='rel'")
+        return line
 
 
 def apply_policy(solution: Solution, policy: str, *, what: str = "solve") -> None:

@@ -168,9 +168,30 @@ def residuals(z: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def residual_norms(g: torch.Tensor, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`residuals` from a precomputed ``g = f(z) − z``."""
+    abs_res, rel_res, _ = _norms(g, fz)
+    return abs_res, rel_res
+
+
+def _norms(g: torch.Tensor, fz: torch.Tensor):
     abs_res = torch.linalg.vector_norm(g, dim=1)
     scale = torch.linalg.vector_norm(fz, dim=1)
-    return abs_res, abs_res / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+    return abs_res, abs_res / scale.clamp_min(torch.finfo(scale.dtype).tiny), scale
+
+
+#: ``f(z) − z`` cannot be resolved below ``PRECISION · eps · ‖f(z)‖`` (one rounding of a vector
+#: of that size; near a fixed point ``‖z‖ ≈ ‖f(z)‖``): at ``‖z‖ = 8e17`` in float64 a residual
+#: of 0 says nothing about a true ``‖f(z) − z‖`` of 28. A residual below the tolerance is a
+#: convergence claim only where this floor is below the tolerance too; otherwise the sample
+#: goes on (and may end MAX_ITER), and the record's summary says "tolerance below attainable
+#: precision". For ``stop="rel"`` the floor is ``PRECISION · eps``.
+PRECISION = 1.0
+
+
+def precision_floor(stop: str, scale: torch.Tensor) -> torch.Tensor | float:
+    """The smallest ``abs`` (per sample, from ``scale = ‖f(z)‖``) or ``rel`` residual that the
+    dtype of ``scale`` can resolve."""
+    eps = torch.finfo(scale.dtype).eps
+    return PRECISION * eps * scale if stop == "abs" else PRECISION * eps
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -207,11 +228,20 @@ def iterate(
     z = z0
     fz = counted(z)
     g = fz - z
-    abs_res, rel_res = residual_norms(g, fz)
+    abs_res, rel_res, scale = _norms(g, fz)
     metric = abs_res if solver.stop == "abs" else rel_res
     # a NaN/Inf anywhere in z or f(z) makes ‖f(z) − z‖ non-finite
     finite = torch.isfinite(abs_res)
-    converged = finite & (metric <= tol)
+    # a residual below tol counts only where the dtype can resolve tol at this ‖f(z)‖ (rel: a
+    # constant, decided once; abs: per sample, two tiny ops a step)
+    by_scale = solver.stop == "abs"
+    floor = precision_floor(solver.stop, scale)
+    met = (metric <= tol) & (floor <= tol) if by_scale else (metric <= tol)
+    rel_precise = by_scale or floor <= tol
+    if not rel_precise:
+        met = torch.zeros_like(finite)
+    imprecise = finite & (metric <= tol) & ~met  # met tol below the attainable precision
+    converged = finite & met
     nonfinite = ~finite
     diverged = torch.zeros_like(converged)
     active = ~(converged | nonfinite)
@@ -242,7 +272,7 @@ def iterate(
             nfe.add_(active if step_calls == 1 else active.long() * step_calls)
 
         g_new = out[3] if len(out) == 4 else fz_new - z_new
-        abs_new, rel_new = residual_norms(g_new, fz_new)
+        abs_new, rel_new, scale_new = _norms(g_new, fz_new)
         metric_new = abs_new if solver.stop == "abs" else rel_new
         finite_new = torch.isfinite(abs_new)
         ok = active & finite_new
@@ -253,7 +283,15 @@ def iterate(
             best = best.where(improved, z_new, abs_new, rel_new, metric_new)
 
         # the masks below nest (going ⊆ ok ⊆ active), so each split is one xor
-        going = ok & (metric_new > tol)  # still active unless it diverged
+        below = metric_new <= tol
+        if by_scale:
+            precise = precision_floor("abs", scale_new) <= tol
+            imprecise |= ok & below & ~precise
+            below = below & precise
+        elif not rel_precise:
+            imprecise |= ok & below
+            below = torch.zeros_like(below)
+        going = ok & ~below  # still active unless it diverged
         newly_converged = ok ^ going
         newly_nonfinite = active ^ ok
         newly_diverged = going & (abs_new > limit) if limit is not None else None
@@ -283,6 +321,11 @@ def iterate(
     worst = Status.from_code(int(codes.max())) if codes.numel() else Status.CONVERGED
     # loop_steps: steps taken; n_calls − 1 of them exactly when every step made one call
     stats = {**solver.stats(state), "loop_steps": step_index}
+    below_precision = imprecise & ~converged
+    if bool(below_precision.any()):
+        stats["below_precision"] = int(below_precision.sum())
+        stats["precision_scale"] = float(
+            torch.linalg.vector_norm(fz.detach(), dim=1)[below_precision].max())
     solver.release(state)
     record = Solution(
         z=spec.unflatten(best.z.detach()) if spec is not None else best.z.detach(),

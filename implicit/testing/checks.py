@@ -229,6 +229,27 @@ def _check_truthful(name: str, sol, fn, spec, tol: float, stop: str, tally: Tall
     tally.claim("truthful_record")
 
 
+#: the documented resolution of a residual: one rounding, ``eps · ‖f(z)‖`` (``stop="abs"``) or
+#: ``eps`` (``"rel"``), in the state's dtype (``implicit.solver.PRECISION``)
+RESOLUTION = 1.0
+
+
+def _check_precise(name: str, sol, fn, spec, tol: float, stop: str) -> None:
+    """No false convergence: a converged sample's tolerance is above what the state's dtype
+    can resolve at its ``‖f(z)‖`` (recomputed here)."""
+    eps = torch.finfo(spec.dtype).eps
+    z = spec.flatten(sol.z)
+    with torch.no_grad():
+        scale = (fn(z).double() ** 2).sum(dim=1).sqrt()
+    floor = RESOLUTION * eps * (scale if stop == "abs" else torch.ones_like(scale))
+    false = sol.converged & (floor > tol * (1 + 1e-3))
+    if bool(false.any()):
+        raise ContractViolation(
+            f"{name}: samples {torch.nonzero(false).flatten().tolist()} are reported converged "
+            f"with {stop} tol {tol:.3g}, below the attainable precision "
+            f"{float(floor[false].max()):.3g} (eps · ‖f(z)‖): a false convergence")
+
+
 def check_solver_contract(registry: Registry, solver: str, example: CellExample, *, tol: float,
                           stop: str, max_iter: int, options: Optional[dict] = None,
                           tally: Optional[Tally] = None) -> Optional[bool]:
@@ -257,6 +278,7 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
     _require(bool((sol.nfe >= 1).all() and (sol.nfe <= sol.n_calls).all()),
              f"{name}: nfe {sol.nfe.tolist()} not within [1, n_calls={sol.n_calls}]")
     _check_truthful(name, sol, fn, spec, tol, stop, tally)
+    _check_precise(name, sol, fn, spec, tol, stop)
     statuses = _statuses(sol)
     _require(all((s is Status.CONVERGED) == bool(c) for s, c in zip(statuses, sol.converged)),
              f"{name}: per-sample statuses {[s.name for s in statuses]} disagree with "
