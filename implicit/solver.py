@@ -7,8 +7,9 @@ The problem is always ``z = f(z)`` on a flat batch ``z`` of shape ``(B, n)``.
 Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apart):
 
 * a sample stops when its residual (``stop="abs"`` or ``"rel"``, see :mod:`implicit.solution`)
-  is ``≤ tol``, or it becomes non-finite, or it diverges (abs residual above
-  ``divergence_factor`` × its initial one); from then on its iterate no longer changes;
+  is ``≤ tol`` (and the dtype can resolve tol there, see :data:`PRECISION`), or it becomes
+  non-finite, or it diverges (abs residual, or ``‖f(z)‖``, above ``divergence_factor`` × its
+  initial value); from then on its iterate no longer changes;
 * ``nfe[i]`` counts calls of ``f`` made while sample i was active; ``n_calls`` counts calls of
   ``f`` on the batch and is what ``max_iter`` bounds (the first evaluation ``f(z0)`` included);
 * the returned iterate of each sample is the best one seen by its stopping residual
@@ -251,6 +252,11 @@ def iterate(
     # nearly converged iterate may come back, one whose residual explodes past the start won't
     start_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
     limit = solver.divergence_factor * start_abs if solver.divergence_factor > 0 else None
+    # the iterate's growth too: a solver can run off with a bounded (or rounded-away) residual,
+    # as Broyden once did to ‖z‖ = 8e17 with ‖g‖ ≈ 60; ‖f(z)‖ is computed anyway
+    start_size = torch.where(finite, torch.maximum(scale, abs_res),
+                             torch.full_like(abs_res, float("inf")))
+    size_limit = solver.divergence_factor * start_size if limit is not None else None
     trace = [metric.detach()] if solver.trace else None
     state = solver.init(z, fz)
     keep_last = solver.returns == "last"
@@ -294,7 +300,8 @@ def iterate(
         going = ok & ~below  # still active unless it diverged
         newly_converged = ok ^ going
         newly_nonfinite = active ^ ok
-        newly_diverged = going & (abs_new > limit) if limit is not None else None
+        newly_diverged = (going & ((abs_new > limit) | (scale_new > size_limit))
+                          if limit is not None else None)
         if newly_diverged is not None:
             going = going ^ newly_diverged
         if trace is not None:

@@ -64,3 +64,23 @@ def test_the_contract_catches_a_loop_that_claims_it(monkeypatch):
     with pytest.raises(ContractViolation, match="below the attainable precision"):
         check_solver_contract(implicit.get_registry(), "forward", example, tol=1e-8,
                               stop="abs", max_iter=3)
+
+
+def test_an_iterate_running_away_with_a_bounded_residual_is_diverged():
+    """f(z) = z + 1 has no fixed point and a residual of exactly √n everywhere; a step that
+    doubles the iterate runs off without the residual ever growing. The loop flags it DIVERGED
+    from the iterate's growth (‖f(z)‖ beyond divergence_factor × its start), not MAX_ITER."""
+    import attrs
+
+    @attrs.frozen(kw_only=True)
+    class Doubling(implicit.Solver):
+        name = "doubling"
+
+        def step(self, fn, z, fz, state):
+            z_next = 2 * fz
+            return z_next, fn(z_next), state
+
+    sol = implicit.solve(lambda z: z + 1, torch.ones(2, 3, dtype=torch.float64),
+                         solver=Doubling(tol=1e-8, stop="abs", max_iter=80, policy="ignore"))
+    assert sol.status is implicit.Status.DIVERGED and sol.n_calls < 80
+    assert torch.allclose(sol.abs_residual, torch.full((2,), 3 ** 0.5, dtype=torch.float64))
