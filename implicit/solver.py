@@ -195,6 +195,18 @@ def precision_floor(stop: str, scale: torch.Tensor) -> torch.Tensor | float:
     return PRECISION * eps * scale if stop == "abs" else PRECISION * eps
 
 
+def _meets(metric: torch.Tensor, scale: torch.Tensor, tol: float, stop: str):
+    """``(met, imprecise)``: samples whose residual is ≤ tol where the dtype resolves tol, and
+    those whose residual is ≤ tol only below that resolution (``None``: there can be none —
+    a relative tolerance the dtype resolves, the common case, costs one comparison)."""
+    below = metric <= tol
+    floor = precision_floor(stop, scale)
+    if stop != "abs":
+        return (below, None) if floor <= tol else (torch.zeros_like(below), below)
+    precise = floor <= tol
+    return below & precise, below & ~precise
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class FlatResult:
     """What :func:`iterate` returns: the best iterate (keeps autograd history) and its record."""
@@ -233,15 +245,9 @@ def iterate(
     metric = abs_res if solver.stop == "abs" else rel_res
     # a NaN/Inf anywhere in z or f(z) makes ‖f(z) − z‖ non-finite
     finite = torch.isfinite(abs_res)
-    # a residual below tol counts only where the dtype can resolve tol at this ‖f(z)‖ (rel: a
-    # constant, decided once; abs: per sample, two tiny ops a step)
-    by_scale = solver.stop == "abs"
-    floor = precision_floor(solver.stop, scale)
-    met = (metric <= tol) & (floor <= tol) if by_scale else (metric <= tol)
-    rel_precise = by_scale or floor <= tol
-    if not rel_precise:
-        met = torch.zeros_like(finite)
-    imprecise = finite & (metric <= tol) & ~met  # met tol below the attainable precision
+    # a residual below tol counts only where the dtype can resolve tol (see PRECISION)
+    met, imprecise = _meets(metric, scale, tol, solver.stop)
+    imprecise = finite & imprecise if imprecise is not None else torch.zeros_like(finite)
     converged = finite & met
     nonfinite = ~finite
     diverged = torch.zeros_like(converged)
@@ -289,15 +295,10 @@ def iterate(
             best = best.where(improved, z_new, abs_new, rel_new, metric_new)
 
         # the masks below nest (going ⊆ ok ⊆ active), so each split is one xor
-        below = metric_new <= tol
-        if by_scale:
-            precise = precision_floor("abs", scale_new) <= tol
-            imprecise |= ok & below & ~precise
-            below = below & precise
-        elif not rel_precise:
-            imprecise |= ok & below
-            below = torch.zeros_like(below)
-        going = ok & ~below  # still active unless it diverged
+        met_new, imprecise_new = _meets(metric_new, scale_new, tol, solver.stop)
+        if imprecise_new is not None:
+            imprecise |= ok & imprecise_new
+        going = ok & ~met_new  # still active unless it diverged
         newly_converged = ok ^ going
         newly_nonfinite = active ^ ok
         newly_diverged = (going & ((abs_new > limit) | (scale_new > size_limit))

@@ -38,8 +38,11 @@ def max_examples() -> int:
 def shrink() -> bool:
     """``IMPLICIT_VERIFY_SHRINK=0`` (``implicit verify --no-shrink``): report the first failing
     example instead of a minimal one — much faster when a plugin is broken."""
-    return os.environ.get("IMPLICIT_VERIFY_SHRINK", "1").strip().lower() not in ("0", "false",
-                                                                                "no", "off")
+    value = os.environ.get("IMPLICIT_VERIFY_SHRINK", "1").strip().lower()
+    if value not in ("0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise ValueError(f"IMPLICIT_VERIFY_SHRINK must be 1/true/yes/on or 0/false/no/off, got "
+                         f"{value!r}")
+    return value in ("1", "true", "yes", "on")
 
 
 MAX_EXAMPLES = max_examples()
