@@ -9,7 +9,11 @@ Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apa
 * a sample stops when its residual (``stop="abs"`` or ``"rel"``, see :mod:`implicit.solution`)
   is ``≤ tol`` (and the dtype can resolve tol there, see :data:`PRECISION`), or it becomes
   non-finite, or it diverges (abs residual, or ``‖f(z)‖``, above ``divergence_factor`` × its
-  initial value); from then on its iterate no longer changes;
+  initial value); from then on its record (returned iterate, residuals, nfe, status) no
+  longer changes. A non-finite or diverged sample is also held at its last iterate (the
+  solver steps from there, so f is never given its non-finite or huge values); a converged
+  one goes on being iterated with the batch until the solve ends (cheaper than masking it
+  out of every step, and harmless: those rows are discarded);
 * ``nfe[i]`` counts calls of ``f`` made while sample i was active; ``n_calls`` counts calls of
   ``f`` on the batch and is what ``max_iter`` bounds (the first evaluation ``f(z0)`` included);
 * the returned iterate of each sample is the best one seen by its stopping residual
@@ -252,6 +256,7 @@ def iterate(
     nonfinite = ~finite
     diverged = torch.zeros_like(converged)
     active = ~(converged | nonfinite)
+    held = nonfinite.clone()  # samples whose iterate no longer changes (see the loop's end)
     nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
     best = _Best(z=z, abs_res=abs_res, rel_res=rel_res, metric=metric)
     # divergence is judged against the initial residual: a solver that wanders off from a
@@ -308,10 +313,20 @@ def iterate(
         if trace is not None:
             trace.append(torch.where(active, metric_new, trace[-1]).detach())
 
-        if host_checks and bool(active.all()):
+        # Converged samples go on iterating with the batch (their record is fixed: the best
+        # iterate, nfe and status follow active samples only), which spares three masking
+        # copies of the state per step once any sample has converged. A sample that is or
+        # goes non-finite or beyond the divergence limits is held at its last iterate
+        # instead, so that f is never given those values (a cell that mixes samples,
+        # BatchNorm in training, would spread them to the others).
+        blown = ~finite_new
+        if limit is not None:
+            blown = blown | (abs_new > limit) | (scale_new > size_limit)
+        held = held | (blown & ~going)
+        if host_checks and not bool(held.any()):
             z, fz, g = z_new, fz_new, g_new
         else:
-            keep = active.unsqueeze(1)
+            keep = (~held).unsqueeze(1)
             z = torch.where(keep, z_new, z)
             fz = torch.where(keep, fz_new, fz)
             g = torch.where(keep, g_new, g) if solver.uses_residual else None

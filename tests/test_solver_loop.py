@@ -32,17 +32,60 @@ def test_forward_converges_per_sample_with_masking():
     assert sol.n_calls == int(sol.nfe.max())
 
 
-def test_converged_sample_stops_changing():
+def test_converged_sample_record_stops_changing():
+    """A converged sample goes on being iterated with the batch (no masking copies), but its
+    record is the one of the step where it converged."""
     calls = []
+
+    def step(z):
+        return torch.stack([0.5 * z[0] + 1, 0.9 * z[1] + 1])
 
     def fn(z):
         calls.append(z.clone())
-        return torch.stack([torch.zeros_like(z[0]), 0.9 * z[1] + 1])
+        return step(z)
 
     z0 = torch.zeros(2, 3, dtype=torch.float64)
     sol = implicit.solve(fn, z0, solver="forward", tol=1e-6, stop="abs", max_iter=300)
-    assert sol.nfe.tolist()[0] == 1  # sample 0 is at its fixed point from the start
-    assert all(torch.equal(c[0], z0[0]) for c in calls)  # and its iterate never moved
+    first, last = sol.nfe.tolist()
+    assert first < last == sol.n_calls == len(calls)
+    # the returned iterate of sample 0 is the one f was called on when it converged ...
+    assert torch.equal(sol.z[0], calls[first - 1][0])
+    assert float(sol.abs_residual[0]) == float(torch.linalg.vector_norm(step(sol.z)[0] - sol.z[0]))
+    # ... although the batch went on iterating it afterwards
+    assert not torch.equal(calls[-1][0], calls[first - 1][0])
+
+
+def test_nonfinite_sample_is_held_and_f_never_sees_it_again(solver_name):
+    seen = []
+
+    def fn(z):
+        seen.append(z.clone())
+        out = 0.5 * z + 1
+        # sample 1 goes non-finite from its third call on
+        bad = torch.full_like(out[1], float("nan")) if len(seen) >= 3 else out[1]
+        return torch.stack([out[0], bad, out[2]])
+
+    sol = implicit.solve(fn, torch.zeros(3, 2, dtype=torch.float64), solver=solver_name,
+                         tol=1e-10, stop="abs", max_iter=60, policy="ignore")
+    assert Status.from_code(int(sol.sample_status[1])) is Status.NONFINITE
+    # held at its last finite iterate: the solver's later proposals for it come from there
+    assert all(torch.isfinite(z).all() for z in seen)  # so no NaN ever went back into f
+
+
+def test_converged_sample_that_blows_up_afterwards_is_held():
+    """A map that changes under a converged sample (here: with the call count) must not feed
+    f a huge iterate: a cell mixing samples would spread it to the active ones."""
+    seen = []
+
+    def fn(z):
+        seen.append(z.clone())
+        row0 = torch.zeros_like(z[0]) if len(seen) < 4 else 1e12 * (z[0] + 1)
+        return torch.stack([row0, 0.9 * z[1] + 1])
+
+    sol = implicit.solve(fn, torch.zeros(2, 3, dtype=torch.float64), solver="forward",
+                         tol=1e-6, stop="abs", max_iter=300)
+    assert sol.converged.all() and sol.nfe.tolist()[0] == 1
+    assert len(seen) > 5 and all(torch.equal(z[0], torch.zeros(3, dtype=z.dtype)) for z in seen)
 
 
 @pytest.mark.parametrize("max_iter", [1, 3, 20])
