@@ -258,7 +258,7 @@ def iterate(
     active = ~(converged | nonfinite)
     held = nonfinite.clone()  # samples whose iterate no longer changes (see the loop's end)
     nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
-    best = _Best(z=z, abs_res=abs_res, rel_res=rel_res, metric=metric)
+    best = _Best(z=z, abs_res=abs_res, rel_res=rel_res, stop_abs=solver.stop == "abs")
     # divergence is judged against the initial residual: a solver that wanders off from a
     # nearly converged iterate may come back, one whose residual explodes past the start won't
     start_abs = torch.where(finite, abs_res, torch.full_like(abs_res, float("inf")))
@@ -295,9 +295,9 @@ def iterate(
         ok = active & finite_new
         improved = ok if keep_last else ok & (metric_new < best.metric)
         if host_checks and bool(improved.all()):
-            best = _Best(z=z_new, abs_res=abs_new, rel_res=rel_new, metric=metric_new)
+            best = _Best(z=z_new, abs_res=abs_new, rel_res=rel_new, stop_abs=best.stop_abs)
         else:
-            best = best.where(improved, z_new, abs_new, rel_new, metric_new)
+            best = best.where(improved, z_new, abs_new, rel_new)
 
         # the masks below nest (going ⊆ ok ⊆ active), so each split is one xor
         met_new, imprecise_new = _meets(metric_new, scale_new, tol, solver.stop)
@@ -306,8 +306,9 @@ def iterate(
         going = ok & ~met_new  # still active unless it diverged
         newly_converged = ok ^ going
         newly_nonfinite = active ^ ok
-        newly_diverged = (going & ((abs_new > limit) | (scale_new > size_limit))
-                          if limit is not None else None)
+        # beyond the divergence limits: by the residual or by the iterate's size
+        over = (abs_new > limit) | (scale_new > size_limit) if limit is not None else None
+        newly_diverged = going & over if over is not None else None
         if newly_diverged is not None:
             going = going ^ newly_diverged
         if trace is not None:
@@ -319,9 +320,7 @@ def iterate(
         # goes non-finite or beyond the divergence limits is held at its last iterate
         # instead, so that f is never given those values (a cell that mixes samples,
         # BatchNorm in training, would spread them to the others).
-        blown = ~finite_new
-        if limit is not None:
-            blown = blown | (abs_new > limit) | (scale_new > size_limit)
+        blown = ~finite_new if over is None else ~finite_new | over
         held = held | (blown & ~going)
         if host_checks and not bool(held.any()):
             z, fz, g = z_new, fz_new, g_new
@@ -402,17 +401,21 @@ def compile_block(solver: Solver, fn: FlatFn, steps: int, **compile_options: Any
 
 @attrs.frozen(eq=False)
 class _Best:
-    """Per-sample best iterate by the stopping residual."""
+    """Per-sample best iterate by the stopping residual (``abs_res`` or ``rel_res``)."""
 
     z: torch.Tensor
     abs_res: torch.Tensor
     rel_res: torch.Tensor
-    metric: torch.Tensor
+    stop_abs: bool
 
-    def where(self, mask, z, abs_res, rel_res, metric) -> _Best:
+    @property
+    def metric(self) -> torch.Tensor:
+        return self.abs_res if self.stop_abs else self.rel_res
+
+    def where(self, mask, z, abs_res, rel_res) -> _Best:
         return _Best(
             z=torch.where(mask.unsqueeze(1), z, self.z),
             abs_res=torch.where(mask, abs_res, self.abs_res),
             rel_res=torch.where(mask, rel_res, self.rel_res),
-            metric=torch.where(mask, metric, self.metric),
+            stop_abs=self.stop_abs,
         )
