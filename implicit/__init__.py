@@ -28,7 +28,7 @@ from .registry import (
 )
 from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver import FlatResult, Solver, iterate
-from . import accelerator
+from . import accelerator, problems
 from .specs import (BackwardSpec, CellExample, CellSpec, Guarantee, Instance, OptionSpec,
                     SolverSpec, Workload, seeded)
 
@@ -74,4 +74,5 @@ __all__ = [
     "use_registry",
     "Workload",
     "accelerator",
+    "problems",
 ]

@@ -51,12 +51,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"implicit bench needs the 'bench' extra: pip install 'implicit-layers[bench]' "
               f"({exc})", file=sys.stderr)
         return 2
+    if args.problems:
+        return _bench_problems(args)
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 5)
     config = BenchConfig(
         solvers=args.solvers, cells=args.cells, backwards=args.backwards, device=args.device,
         workloads=args.workloads,
-        dtype=args.dtype, batch=args.batch, tol=args.tol, stop=args.stop,
-        max_iter=args.max_iter, repeat=repeat, seed=args.seed, quick=args.quick, out=args.out,
+        dtype=args.dtype, batch=args.batch, tol=1e-4 if args.tol is None else args.tol,
+        stop=args.stop, max_iter=50 if args.max_iter is None else args.max_iter,
+        repeat=repeat, seed=args.seed, quick=args.quick, out=args.out,
         isolate=args.isolate, plots=not args.no_plots, compare=args.compare,
         malloc=args.malloc,
     )
@@ -66,6 +69,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"implicit bench: {exc}", file=sys.stderr)
         return 2
     return 1 if any(r.get("error") for r in result["records"]) else 0
+
+
+def _bench_problems(args: argparse.Namespace) -> int:
+    """``implicit bench --problems SET``: ours and scipy's solvers on the test problems."""
+    from rich.console import Console
+
+    from .bench.problems import DEFAULT_SOLVERS, markdown, run_problems, table
+
+    console = Console()
+    try:
+        result = run_problems(
+            args.problems, args.solvers or DEFAULT_SOLVERS,
+            tol=1e-8 if args.tol is None else args.tol,
+            budget=200 if args.max_iter is None else args.max_iter,
+            factor=args.factor, out=args.out, plots=not args.no_plots, argv=sys.argv,
+            console=console)
+    except (ValueError, LookupError) as exc:
+        print(f"implicit bench: {exc}", file=sys.stderr)
+        return 2
+    console.print(table(result))
+    console.print(markdown(result), markup=False, highlight=False)
+    if args.out:
+        console.print(f"wrote {args.out}/results.json")
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -206,10 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     bench.add_argument("--batch", type=_positive_int, help="override every workload's batch")
-    bench.add_argument("--tol", type=_nonnegative_float, default=1e-4,
-                       help="forward tolerance (0: always run max-iter calls)")
+    bench.add_argument("--tol", type=_nonnegative_float, default=None,
+                       help="forward tolerance (0: always run max-iter calls; default 1e-4, "
+                       "with --problems 1e-8 absolute)")
     bench.add_argument("--stop", choices=["abs", "rel"], default="rel", help="residual to stop on")
-    bench.add_argument("--max-iter", type=_positive_int, default=50, help="forward budget (calls)")
+    bench.add_argument("--max-iter", type=_positive_int, default=None,
+                       help="forward budget (calls; default 50, with --problems 200)")
+    bench.add_argument("--problems", metavar="SET",
+                       help="instead of the matrix: our solvers (--solvers, default anderson, "
+                       "broyden, newton_krylov, newton_krylov:backend=torch) and scipy's "
+                       "same-family methods on the nonlinear test problems of "
+                       "implicit.problems ('standard', or comma-separated names), float64")
+    bench.add_argument("--factor", type=float, default=1.0,
+                       help="with --problems: start from factor x the standard start "
+                       "(Moré-Garbow-Hillstrom use 1, 10, 100)")
     bench.add_argument("--repeat", type=_positive_int, help="timed repeats (default 5; 2 quick)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--quick", action="store_true",

@@ -225,6 +225,21 @@ def solve(
     return result.solution
 
 
+#: why the layer is a graph break under ``torch.compile`` (dynamo shows it with fullgraph=True)
+COMPILE_BREAK_REASON = (
+    "implicit.DEQ runs its solve eagerly (data-dependent stopping, per-sample records): it is a "
+    "graph break under torch.compile, so compile the model with fullgraph=False (the default)")
+
+
+def _eager_under_compile(method):
+    """``method`` run eagerly inside a ``torch.compile``d model: the code around the layer is
+    compiled, the solve and its autograd.Function backward run as they do in eager mode."""
+    try:
+        return torch.compiler.disable(method, reason=COMPILE_BREAK_REASON)
+    except TypeError:  # a torch without the reason argument
+        return torch.compiler.disable(method)
+
+
 class DEQ(nn.Module):
     """A deep equilibrium layer: returns z* with ``z* = cell(z*, x)``.
 
@@ -332,6 +347,7 @@ class DEQ(nn.Module):
     def _record_backward(self, solution: Solution) -> None:
         self.backward_solution = solution
 
+    @_eager_under_compile
     def forward(self, x: Any, z0: Optional[State] = None) -> State:
         cell = self.cell
         # parametrized weights (spectral/weight norm), computed once and held for the solve

@@ -119,6 +119,12 @@ class Evaluator:
         # A solver whose samples make different numbers of calls within one step (per-sample
         # scipy solves) sets this (B,) tensor for the step; the loop then counts nfe from it.
         self.sample_calls: Optional[torch.Tensor] = None
+        # Set by the loop before each step: the (B,) mask of samples it still counts, and the
+        # (B,) ‖f(z) − z‖ and ‖f(z)‖ of the iterate the step starts from (a safeguard compares
+        # against them); None outside the loop (a fixed-iteration block)
+        self.active: Optional[torch.Tensor] = None
+        self.residual: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None
         self._last: Optional[weakref.ref] = None  # the latest value of f, while it is alive
         self._last_version: Optional[int] = None
 
@@ -278,6 +284,7 @@ def iterate(
             break
         step_index += 1
         calls_before = counted.calls
+        counted.active, counted.residual, counted.scale = active, abs_res, scale
         out = (solver.step(counted, z, fz, state, g=g) if solver.uses_residual
                else solver.step(counted, z, fz, state))
         z_new, fz_new, state = out[:3]
@@ -323,12 +330,14 @@ def iterate(
         blown = ~finite_new if over is None else ~finite_new | over
         held = held | (blown & ~going)
         if host_checks and not bool(held.any()):
-            z, fz, g = z_new, fz_new, g_new
+            z, fz, g, abs_res, scale = z_new, fz_new, g_new, abs_new, scale_new
         else:
             keep = (~held).unsqueeze(1)
             z = torch.where(keep, z_new, z)
             fz = torch.where(keep, fz_new, fz)
             g = torch.where(keep, g_new, g) if solver.uses_residual else None
+            abs_res = torch.where(held, abs_res, abs_new)
+            scale = torch.where(held, scale, scale_new)
         converged |= newly_converged
         nonfinite |= newly_nonfinite
         if newly_diverged is not None:

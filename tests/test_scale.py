@@ -148,3 +148,49 @@ def test_compiled_cell_and_block_match_eager():
     layer = implicit.DEQ(compiled_cell, solver="anderson", backward="ift", tol=1e-6)
     torch.testing.assert_close(layer(x), plain(x))
     dynamo.reset()
+
+
+def _model_with_a_deq(backward: str) -> nn.Module:
+    torch.manual_seed(0)
+    cell = implicit.make_cell("tanh", features=12)
+    deq = implicit.DEQ(cell, solver="anderson", backward=backward, tol=1e-8, stop="abs",
+                       max_iter=60)
+    return nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), deq, nn.ReLU(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("backward", ["ift", "phantom", "unrolled"])
+def test_torch_compile_of_a_model_with_a_deq_trains_like_eager(backward):
+    """``torch.compile(model)`` (default inductor backend): the layer is a graph break, the
+    code around it compiles, and three training steps give the eager losses and gradients."""
+    eager, compiled_model = _model_with_a_deq(backward), _model_with_a_deq(backward)
+    compiled = torch.compile(compiled_model)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+               for _ in range(3)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, compiled_model)]
+    try:
+        for x, y in batches:
+            losses, grads = [], []
+            for model, run, opt in zip((eager, compiled_model), (eager, compiled), optimizers):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(run(x), y)
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append([p.grad.clone() for p in model.parameters()])
+                opt.step()
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+            for g_compiled, g_eager in zip(grads[1], grads[0]):
+                torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+        assert compiled_model[2].solution.status is implicit.Status.CONVERGED
+    finally:
+        dynamo.reset()
+
+
+def test_fullgraph_compile_of_a_deq_says_why_in_one_line():
+    model = _model_with_a_deq("ift")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    try:
+        with pytest.raises(Exception, match="graph break under torch.compile"):
+            compiled(torch.randn(2, 5))
+    finally:
+        dynamo.reset()

@@ -227,3 +227,49 @@ def test_options_are_validated():
     with pytest.raises(implicit.OptionError, match="memory"):
         implicit.make_solver("broyden", memory=0)
     assert math.isclose(implicit.make_solver("anderson", beta=1.5).beta, 1.5)
+
+
+@pytest.mark.parametrize("solver", QUASI_NEWTON)
+@pytest.mark.parametrize("name", ["brown_almost_linear", "variably_dimensioned"])
+def test_safeguard_cuts_a_step_that_blows_up(solver, name):
+    """From their standard starts the first full steps on Brown's almost-linear and the
+    variably dimensioned problem blow ‖F‖ up: unguarded, both solvers are DIVERGED within three
+    calls; the safeguard (on by default on CPU) cuts the steps back and they solve both."""
+    from implicit import problems
+
+    problem = problems.get(name)
+    z0 = problem.start()
+    plain = implicit.solve(problem.fixed_point, z0, solver=solver, tol=1e-8, stop="abs",
+                           max_iter=200, policy="ignore", safeguard=False)
+    assert plain.status is implicit.Status.DIVERGED and plain.n_calls <= 3
+    guarded = implicit.solve(problem.fixed_point, z0, solver=solver, tol=1e-8, stop="abs",
+                             max_iter=200, policy="ignore")
+    assert guarded.all_converged, guarded.summary()
+    assert guarded.stats["safeguard_cuts"] >= 1 and guarded.stats["safeguard_calls"] >= 1
+    assert float(torch.linalg.vector_norm(problem.F(guarded.z))) <= 1e-8
+
+
+@pytest.mark.parametrize("solver", QUASI_NEWTON)
+def test_safeguard_leaves_steps_that_do_not_blow_up_and_finished_samples_alone(solver):
+    """A contraction never grows its residual tenfold: no cut, the same iterates as unguarded.
+    A sample the loop has stopped counting (here: at its fixed point from the start, with a
+    map that later runs away under it) never costs the batch a cut."""
+    fn_c = lambda z: 0.5 * torch.tanh(z) + 0.3  # noqa: E731
+    z0 = torch.zeros(3, 4, dtype=D64)
+    guarded = implicit.solve(fn_c, z0, solver=solver, tol=1e-10, stop="abs", max_iter=60)
+    plain = implicit.solve(fn_c, z0, solver=solver, tol=1e-10, stop="abs", max_iter=60,
+                           safeguard=False)
+    assert guarded.stats["safeguard_cuts"] == 0 and guarded.n_calls == plain.n_calls
+    assert torch.equal(guarded.z, plain.z)
+
+    calls = []
+
+    def runaway(z):
+        calls.append(1)
+        row0 = torch.zeros_like(z[0]) if len(calls) < 3 else 1e6 * (z[0] + 1)
+        return torch.stack([row0, 0.5 * torch.tanh(z[1]) + 0.3])
+
+    alone = implicit.solve(lambda z: 0.5 * torch.tanh(z) + 0.3, z0[1:2], solver=solver,
+                           tol=1e-10, stop="abs", max_iter=60)
+    mixed = implicit.solve(runaway, z0[:2], solver=solver, tol=1e-10, stop="abs", max_iter=60)
+    assert mixed.stats["safeguard_cuts"] == 0 and mixed.n_calls == alone.n_calls

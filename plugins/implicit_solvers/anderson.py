@@ -35,6 +35,7 @@ from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
+from .linesearch import GROWTH, MAX_CUTS, guard, guard_enabled, tolerance_floor
 from .rows import CHAIN_MIN_NUMEL, combine, dots
 
 
@@ -75,6 +76,10 @@ class AndersonState:
     gram: torch.Tensor  # (B, m, m) G Gᵀ
     count: int  # pairs stored so far
     fallbacks: torch.Tensor  # (B,) int64
+    # per-sample step scale after a safeguard cut (None: 1 for every sample), and the counts
+    damp: Optional[torch.Tensor] = None
+    cuts: int = 0
+    cut_calls: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -87,6 +92,10 @@ class Anderson(implicit.Solver):
     m: int = attrs.field(default=5, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
     lam: float = attrs.field(default=1e-4, validator=number_in(0, 1, high_open=True))
+    safeguard: Optional[bool] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool)))
+    growth: float = attrs.field(default=GROWTH, validator=number_in(1, float("inf")))
+    max_cuts: int = attrs.field(default=MAX_CUTS, validator=positive_int)
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> AndersonState:
         b, n = z.shape
@@ -131,16 +140,42 @@ class Anderson(implicit.Solver):
             alpha, failed = anderson_weights(state.gram[:, :k, :k], float(self.lam), newest=slot)
             state.fallbacks += failed
             z_next = combine(alpha, state.Y[:, :k] if stacked else state.Y[:k])
+        if state.damp is not None:  # samples whose steps were cut go on with shorter ones
+            z_next = torch.addcmul(z, z_next - z, state.damp[:, None])
         fz_next = fn(z_next)
         if compiling:
             return z_next, fz_next, state
         # g_next = f(z_next) − z_next goes straight into the slot the next step fills (its
         # oldest pair, no longer needed): the loop takes it from here, and no copy is made
         g_next = torch.sub(fz_next, z_next, out=state.G[:, state.count % self.m])
+        if guard_enabled(self.safeguard, fn, z):
+            z_cut, fz_cut = self._guard(fn, z, z_next, fz_next, g_next, state)
+            if z_cut is not z_next:  # a cut step: its residual replaces the one written
+                z_next, fz_next = z_cut, fz_cut
+                g_next = torch.sub(fz_next, z_next, out=state.G[:, state.count % self.m])
         return z_next, fz_next, state, g_next
 
+    def _guard(self, fn, z, z_next, fz_next, g_next, state: AndersonState):
+        """Cut back a step whose residual grew by more than ``growth`` (see
+        :func:`.linesearch.guard`); a sample whose step was cut keeps the shorter step scale for
+        its next steps and doubles it back towards 1 with every step that is not cut."""
+        z_next, fz_next, calls, t = guard(fn, z, z_next, fz_next, tolerance_floor(self, fn),
+                                          growth=self.growth, max_cuts=self.max_cuts,
+                                          g_next=g_next)
+        damp = state.damp
+        if t is not None:
+            state.cuts += int((t < 1).sum())
+            state.cut_calls += calls
+            damp = t if damp is None else damp * t
+            damp = torch.where(t < 1, damp, (2 * damp).clamp(max=1))
+        elif damp is not None:
+            damp = (2 * damp).clamp(max=1)
+        state.damp = None if damp is None or bool((damp == 1).all()) else damp
+        return z_next, fz_next
+
     def stats(self, state: AndersonState) -> dict:
-        return {"fallbacks": int(state.fallbacks.sum())}
+        return {"fallbacks": int(state.fallbacks.sum()), "safeguard_cuts": state.cuts,
+                "safeguard_calls": state.cut_calls}
 
     def release(self, state: AndersonState) -> None:
         workspace.give(state.G, *([state.Y] if isinstance(state.Y, torch.Tensor) else []))
@@ -158,7 +193,8 @@ def linear_termination_calls(solver: Anderson, inst: implicit.Instance) -> Optio
     the mix then leaves a residual ``‖A G α‖ ≤ L √λ' ‖α*‖``, and the normal equations lose
     ``κ(G)²·eps``; for ``lam ≤ 1e-12`` and ``tol ≥ 1e-8 · r0`` we allow ``2 + n // 2`` more
     calls (measured over 150 draws, n ≤ 6: at most 2 extra at lam = 1e-12)."""
-    if solver.m < inst.n + 1 or solver.beta != 1 or solver.lam > TERMINATION_LAM:
+    if (solver.m < inst.n + 1 or solver.beta != 1 or solver.lam > TERMINATION_LAM
+            or solver.safeguard is not False):
         return None
     if inst.tol < 1e-8 * inst.r0:
         return None
@@ -166,8 +202,10 @@ def linear_termination_calls(solver: Anderson, inst: implicit.Instance) -> Optio
 
 
 def _termination_options(inst: implicit.Instance, drawn: Mapping[str, Any]) -> dict:
+    # the theorem is about full steps: no safeguard cuts
     return {**drawn, "m": max(int(drawn.get("m", 5)), inst.n + 1), "beta": 1.0,
-            "lam": min(float(drawn.get("lam", TERMINATION_LAM)), TERMINATION_LAM)}
+            "lam": min(float(drawn.get("lam", TERMINATION_LAM)), TERMINATION_LAM),
+            "safeguard": False}
 
 
 def _options():
@@ -177,6 +215,8 @@ def _options():
         "m": st.integers(1, 8),
         "beta": st.sampled_from([1.0, 0.8, 0.5, 1.3]),
         "lam": st.sampled_from([1e-4, 1e-8, 1e-13, 1e-2]),
+        "safeguard": st.sampled_from([None, True, False]),
+        "growth": st.sampled_from([GROWTH, 2.0, 1e3]),
     })
 
 

@@ -5,6 +5,8 @@ Not a plugin (it registers nothing): a helper of the ``implicit_solvers`` family
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -27,3 +29,80 @@ def backtrack(fn, z: torch.Tensor, direction: torch.Tensor, z_next: torch.Tensor
         z_next = torch.where(worse[:, None], trial, z_next)
         fz_next = torch.where(worse[:, None], f_trial, fz_next)
     return z_next, fz_next, calls
+
+
+#: the safeguard's defaults: a step is cut back when it grows the residual more than GROWTH-fold,
+#: at most MAX_CUTS times per step
+GROWTH = 10.0
+MAX_CUTS = 8
+#: a cut shrinks the step by at least this factor, and by more the further the residual blew up
+MAX_SHRINK = 0.5
+MIN_SHRINK = 1e-3
+
+
+def guard(fn, z: torch.Tensor, z_next: torch.Tensor, fz_next: torch.Tensor, floor, *,
+          growth: float, max_cuts: int, g_next: Optional[torch.Tensor] = None):
+    """Safeguard against blow-up: cut back the step ``z → z_next`` of each active sample whose
+    residual grew by more than ``growth`` (``‖g(z_next)‖ > growth · max(‖g(z)‖, floor)``, or
+    non-finite), as ``z + t · (z_next − z)``, until it does not, at most ``max_cuts`` times and
+    never past ``fn.remaining``. ``‖g(z)‖`` is the loop's (``fn.residual``). Each cut shrinks
+    ``t`` by ``√(growth · ‖g(z)‖ / ‖g(z_next)‖)``, clamped to [MIN_SHRINK, MAX_SHRINK] (a cubic
+    blowing up by 1e9 needs a factor ~1e-3, not 30 halvings). ``floor`` (a number or ``(B,)``)
+    keeps residuals at the tolerance's level from counting as growth. Samples the loop no
+    longer counts (``fn.active``) are never cut. ``g_next``: ``fz_next − z_next`` if the caller
+    has it.
+
+    Returns ``(z_next, fz_next, calls, t)``: the accepted step, its value, the extra calls made
+    and the per-sample factor ``t`` (1 where no cut was made), or ``None`` for ``t`` when no
+    sample needed a cut (the common case: one norm, four small operations, one host check)."""
+    bound = torch.clamp_min(fn.residual, floor) if isinstance(floor, float) else torch.maximum(
+        fn.residual, floor)
+    bound = bound * growth
+    res = torch.linalg.vector_norm(fz_next - z_next if g_next is None else g_next, dim=1)
+    fine = res <= bound  # False where non-finite
+    if bool(fine.all()):
+        return z_next, fz_next, 0, None
+    bad = ~fine
+    if fn.active is not None:
+        bad &= fn.active
+        if not bool(bad.any()):
+            return z_next, fz_next, 0, None
+    direction = z_next - z
+    t = torch.ones_like(res)
+    calls = 0
+    while calls < max_cuts and fn.remaining > 0:
+        ratio = res / bound  # > 1 where bad (inf or NaN where non-finite)
+        shrink = torch.nan_to_num(ratio.rsqrt(), nan=MIN_SHRINK).clamp(MIN_SHRINK, MAX_SHRINK)
+        t = torch.where(bad, t * shrink, t)
+        trial = torch.addcmul(z, direction, t[:, None])
+        f_trial = fn(trial)
+        calls += 1
+        keep = bad[:, None]
+        z_next = torch.where(keep, trial, z_next)
+        fz_next = torch.where(keep, f_trial, fz_next)
+        res = torch.where(bad, torch.linalg.vector_norm(f_trial - trial, dim=1), res)
+        bad = bad & ~(res <= bound)
+        if not bool(bad.any()):
+            break
+    return z_next, fz_next, calls, t
+
+
+def guard_enabled(safeguard, fn, z: torch.Tensor) -> bool:
+    """Whether a step is guarded: ``safeguard=True`` always, ``None`` (the default) where host
+    checks are free (CPU, see :mod:`implicit.accelerator`; a cut needs one per step), ``False``
+    never; and only inside the solver loop, which tells the step its residual."""
+    from implicit.accelerator import host_checks
+
+    if safeguard is False or getattr(fn, "residual", None) is None:
+        return False
+    return bool(safeguard) or host_checks(z)
+
+
+def tolerance_floor(solver, fn):
+    """The residual level that never counts as growth: the stopping tolerance as an absolute
+    residual (``tol`` for ``stop="abs"``, ``tol · ‖f(z)‖`` per sample for ``"rel"``, from the
+    loop's ``fn.scale``)."""
+    if solver.stop == "abs":
+        return float(solver.tol)
+    return float(solver.tol) * fn.scale
+
