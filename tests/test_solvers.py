@@ -273,3 +273,22 @@ def test_safeguard_leaves_steps_that_do_not_blow_up_and_finished_samples_alone(s
                            tol=1e-10, stop="abs", max_iter=60)
     mixed = implicit.solve(runaway, z0[:2], solver=solver, tol=1e-10, stop="abs", max_iter=60)
     assert mixed.stats["safeguard_cuts"] == 0 and mixed.n_calls == alone.n_calls
+
+
+@pytest.mark.parametrize("solver", QUASI_NEWTON)
+def test_one_sample_blowing_up_every_step_cannot_spend_the_batch_budget_on_cuts(solver):
+    """Sample 0's map has no fixed point and its residual grows with every step: the safeguard
+    would cut it at every step; its per-solve budget of cuts (CUT_BUDGET × max_cuts) stops
+    that, and sample 1 converges within the batch's budget as it does alone."""
+    from implicit_solvers.linesearch import CUT_BUDGET
+
+    def fn(z):
+        good = 0.5 * torch.tanh(z[1:]) + 0.3
+        bad = z[:1] + 1 + (z[:1] ** 2).sum()
+        return torch.cat([bad, good])
+
+    z0 = torch.zeros(2, 4, dtype=D64)
+    sol = implicit.solve(fn, z0, solver=solver, tol=1e-10, stop="abs", max_iter=80,
+                         policy="ignore", growth=2.0, divergence_factor=0)
+    assert sol.stats["safeguard_calls"] <= CUT_BUDGET * 8
+    assert bool(sol.converged[1]) and not bool(sol.converged[0])

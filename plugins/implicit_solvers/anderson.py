@@ -21,6 +21,13 @@ the history slot it fills next and hands it to the loop, which would otherwise c
 The mixing targets ``x + βg`` are ``f(x)`` itself for ``β = 1``, kept by reference on large
 states (no copy).
 Like every solver, the loop returns each sample's best iterate by residual.
+
+**Safeguard** (``safeguard``: ``None`` = on where host checks are free, i.e. CPU): a step that
+grows a sample's residual more than ``growth``-fold is cut back within the budget
+(:func:`.linesearch.guard`) before its residual enters the history; the sample keeps the
+shorter step scale (``z + damp · (mix − z)``) and doubles it back towards 1 with every step
+that is not cut. On the standard test problems (``implicit bench --problems standard``) it
+took Anderson from 13 to 15 solved of 22; DEQ workloads never trigger it.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
-from .linesearch import GROWTH, MAX_CUTS, guard, guard_enabled, tolerance_floor
+from .linesearch import (GROWTH, MAX_CUTS, cut_budget, guard, guard_enabled,
+                         tolerance_floor)
 from .rows import CHAIN_MIN_NUMEL, combine, dots
 
 
@@ -78,6 +86,7 @@ class AndersonState:
     fallbacks: torch.Tensor  # (B,) int64
     # per-sample step scale after a safeguard cut (None: 1 for every sample), and the counts
     damp: Optional[torch.Tensor] = None
+    cuts_left: Optional[torch.Tensor] = None  # (B,) the safeguard's cuts left per sample
     cuts: int = 0
     cut_calls: int = 0
 
@@ -159,9 +168,11 @@ class Anderson(implicit.Solver):
         """Cut back a step whose residual grew by more than ``growth`` (see
         :func:`.linesearch.guard`); a sample whose step was cut keeps the shorter step scale for
         its next steps and doubles it back towards 1 with every step that is not cut."""
+        if state.cuts_left is None:
+            state.cuts_left = cut_budget(z, self.max_cuts)
         z_next, fz_next, calls, t = guard(fn, z, z_next, fz_next, tolerance_floor(self, fn),
                                           growth=self.growth, max_cuts=self.max_cuts,
-                                          g_next=g_next)
+                                          g_next=g_next, cuts_left=state.cuts_left)
         damp = state.damp
         if t is not None:
             state.cuts += int((t < 1).sum())

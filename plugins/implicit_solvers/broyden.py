@@ -16,7 +16,10 @@ particular, and on stiff cells (the MDEQ fixture of our tests) it blew up near c
 sample whose denominator is ~0 skips the update (counted in
 ``Solution.stats["skipped_updates"]``). The optional backtracking line search halves the step
 per sample while ``‖g‖`` does not decrease, using at most ``ls_steps`` extra calls of f and
-never more than the remaining budget. The loop returns each sample's best iterate.
+never more than the remaining budget. Without it, the safeguard (``safeguard``, on by default
+on CPU) cuts back a step that grows a sample's residual more than ``growth``-fold
+(:func:`.linesearch.guard`): 10 → 18 of 22 standard test problems solved. The loop returns
+each sample's best iterate.
 
 Memory traffic per step (the solver is memory-bound on large states): ``−B g`` reads the ``k``
 stored pairs once each, and so does ``Δzᵀ B``. When the loop kept the step just taken (no
@@ -36,7 +39,8 @@ from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
-from .linesearch import GROWTH, MAX_CUTS, backtrack, guard, guard_enabled, tolerance_floor
+from .linesearch import (GROWTH, MAX_CUTS, backtrack, cut_budget, guard, guard_enabled,
+                         tolerance_floor)
 from .rows import combine, dots
 
 
@@ -136,6 +140,7 @@ class BroydenState:
     stepped_to: Optional[torch.Tensor]  # the z_next returned, when it is the full step
     skipped: torch.Tensor  # (B,) int64
     ls_calls: int
+    cuts_left: Optional[torch.Tensor] = None  # (B,) the safeguard's cuts left per sample
     cuts: int = 0
     cut_calls: int = 0
 
@@ -217,8 +222,11 @@ class Broyden(implicit.Solver):
                                                halvings=self.ls_steps)
             state.ls_calls += calls
         elif guard_enabled(self.safeguard, fn, z):
+            if state.cuts_left is None:
+                state.cuts_left = cut_budget(z, self.max_cuts)
             z_next, fz_next, calls, t = guard(fn, z, z_next, fz_next, tolerance_floor(self, fn),
-                                              growth=self.growth, max_cuts=self.max_cuts)
+                                              growth=self.growth, max_cuts=self.max_cuts,
+                                              cuts_left=state.cuts_left)
             if t is not None:  # the secant update of the cut step rescales B (no restart:
                 # restarting the cut samples from B₀ = −I solved 15 problems, against 18)
                 state.cuts += int((t < 1).sum())

@@ -41,7 +41,8 @@ MIN_SHRINK = 1e-3
 
 
 def guard(fn, z: torch.Tensor, z_next: torch.Tensor, fz_next: torch.Tensor, floor, *,
-          growth: float, max_cuts: int, g_next: Optional[torch.Tensor] = None):
+          growth: float, max_cuts: int, g_next: Optional[torch.Tensor] = None,
+          cuts_left: Optional[torch.Tensor] = None):
     """Safeguard against blow-up: cut back the step ``z → z_next`` of each active sample whose
     residual grew by more than ``growth`` (``‖g(z_next)‖ > growth · max(‖g(z)‖, floor)``, or
     non-finite), as ``z + t · (z_next − z)``, until it does not, at most ``max_cuts`` times and
@@ -50,7 +51,9 @@ def guard(fn, z: torch.Tensor, z_next: torch.Tensor, fz_next: torch.Tensor, floo
     blowing up by 1e9 needs a factor ~1e-3, not 30 halvings). ``floor`` (a number or ``(B,)``)
     keeps residuals at the tolerance's level from counting as growth. Samples the loop no
     longer counts (``fn.active``) are never cut. ``g_next``: ``fz_next − z_next`` if the caller
-    has it.
+    has it. ``cuts_left``: a ``(B,)`` int64 count of the cuts each sample may still take in this
+    solve (decremented in place), so that one sample whose map keeps blowing up cannot spend
+    the batch's budget on cuts (a solver keeps it in its state; see :func:`cut_budget`).
 
     Returns ``(z_next, fz_next, calls, t)``: the accepted step, its value, the extra calls made
     and the per-sample factor ``t`` (1 where no cut was made), or ``None`` for ``t`` when no
@@ -65,8 +68,10 @@ def guard(fn, z: torch.Tensor, z_next: torch.Tensor, fz_next: torch.Tensor, floo
     bad = ~fine
     if fn.active is not None:
         bad &= fn.active
-        if not bool(bad.any()):
-            return z_next, fz_next, 0, None
+    if cuts_left is not None:
+        bad &= cuts_left > 0
+    if not bool(bad.any()):
+        return z_next, fz_next, 0, None
     direction = z_next - z
     t = torch.ones_like(res)
     calls = 0
@@ -74,6 +79,8 @@ def guard(fn, z: torch.Tensor, z_next: torch.Tensor, fz_next: torch.Tensor, floo
         ratio = res / bound  # > 1 where bad (inf or NaN where non-finite)
         shrink = torch.nan_to_num(ratio.rsqrt(), nan=MIN_SHRINK).clamp(MIN_SHRINK, MAX_SHRINK)
         t = torch.where(bad, t * shrink, t)
+        if cuts_left is not None:
+            cuts_left -= bad.long()
         trial = torch.addcmul(z, direction, t[:, None])
         f_trial = fn(trial)
         calls += 1
@@ -82,9 +89,21 @@ def guard(fn, z: torch.Tensor, z_next: torch.Tensor, fz_next: torch.Tensor, floo
         fz_next = torch.where(keep, f_trial, fz_next)
         res = torch.where(bad, torch.linalg.vector_norm(f_trial - trial, dim=1), res)
         bad = bad & ~(res <= bound)
+        if cuts_left is not None:
+            bad &= cuts_left > 0
         if not bool(bad.any()):
             break
     return z_next, fz_next, calls, t
+
+
+#: the cuts one sample may take over a whole solve, in units of ``max_cuts``
+CUT_BUDGET = 4
+
+
+def cut_budget(z: torch.Tensor, max_cuts: int) -> torch.Tensor:
+    """``(B,)`` cuts each sample may take in one solve: ``CUT_BUDGET × max_cuts``."""
+    return torch.full((z.shape[0],), CUT_BUDGET * max_cuts, dtype=torch.int64,
+                      device=z.device)
 
 
 def guard_enabled(safeguard, fn, z: torch.Tensor) -> bool:
