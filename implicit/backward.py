@@ -47,6 +47,9 @@ class Problem:
     what: str = "DEQ forward solve"
     on_backward_solution: Optional[Callable[[Solution], None]] = None
     training: bool = False
+    #: ``fn`` on a subset of the samples, ``fn_rows(z_rows, rows)``, for batch-independent
+    #: cells (the loop then skips stopped samples; see :func:`implicit.iterate`); or None
+    fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     @property
     def requires_grad(self) -> bool:
@@ -77,7 +80,8 @@ class BackwardStrategy(abc.ABC):
         """The forward solve under ``no_grad`` (the record and a detached ``z*``): the first
         step of every strategy that attaches its gradient afterwards (ift, phantom)."""
         with torch.no_grad():
-            result = iterate(solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what)
+            result = iterate(solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what,
+                             fn_rows=problem.fn_rows)
         return attrs.evolve(result, z=result.z.detach())
 
     @abc.abstractmethod

@@ -17,7 +17,7 @@ next state is accepted by :class:`implicit.DEQ` too: its injection is ``x`` itse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +40,13 @@ class Cell(nn.Module):
             def update(self, z, u):
                 return torch.tanh(self.W(z) + u)
     """
+
+    #: True when sample i of ``update(z, u)`` depends on sample i of ``z`` and ``u`` only (no
+    #: BatchNorm in training, no attention across the batch) and every tensor of the injection
+    #: has the batch in dimension 0. A DEQ then evaluates f only on the samples its solver
+    #: still iterates (``DEQ(..., compact=None)``, the default, follows this attribute). The
+    #: registered cells that declare the ``batch_independent`` capability set it.
+    batch_independent: ClassVar[bool] = False
 
     def injection(self, x: Any) -> Any:
         """Precompute whatever of f depends on ``x`` alone (default: ``x`` itself)."""

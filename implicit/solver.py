@@ -112,8 +112,13 @@ class Evaluator:
     ``remaining`` is 0, so ``n_calls`` never exceeds ``max_iter``.
     """
 
-    def __init__(self, fn: FlatFn, budget: int) -> None:
+    def __init__(self, fn: FlatFn, budget: int,
+                 fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+                 ) -> None:
         self.fn = fn
+        self.fn_rows = fn_rows
+        # set by the loop: the samples f is evaluated on (None: all); see `iterate`'s fn_rows
+        self.rows: Optional[torch.Tensor] = None
         self.budget = budget
         self.calls = 0
         # A solver whose samples make different numbers of calls within one step (per-sample
@@ -136,7 +141,7 @@ class Evaluator:
         self.calls += 1
         checked = not torch.compiler.is_compiling()
         version = _version_of(z) if checked else None
-        out = self.fn(z)
+        out = self.fn(z) if self.rows is None else self._on_rows(z, self.rows)
         if not isinstance(out, torch.Tensor) or out.shape != z.shape:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -146,6 +151,16 @@ class Evaluator:
         if checked:
             self._check_no_writes(z, version, out)
         return out
+
+    def _on_rows(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """f on the samples in ``rows`` only; the other rows of the result are ``z``'s own (a
+        stand-in the loop never records: those samples have stopped)."""
+        out = self.fn_rows(z.index_select(0, rows), rows)
+        if not isinstance(out, torch.Tensor) or out.shape != (rows.numel(), z.shape[1]):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"fn_rows returned shape {shape} for {rows.numel()} rows of an "
+                             f"iterate of shape {tuple(z.shape)}")
+        return z.index_copy(0, rows, out)
 
     def _check_no_writes(self, z: torch.Tensor, version: Optional[int],
                          out: torch.Tensor) -> None:
@@ -232,16 +247,24 @@ def iterate(
     *,
     spec: StateSpec | None = None,
     what: str = "solve",
+    fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> FlatResult:
     """Run ``solver`` on ``z = fn(z)`` from ``z0`` (``(B, n)``) under the caller's grad mode.
 
     Out-of-place throughout, so it may run under autograd (unrolled differentiation). The
     record's ``z`` is the best iterate, detached, unflattened with ``spec`` when given. The
     solver's failure policy is applied to the record (``what`` names the solve in messages).
+
+    ``fn_rows(z_rows, rows)``, when given, is ``fn`` evaluated on the samples ``rows`` (a
+    ``(k,)`` int64 index) only — possible when sample i of ``fn`` depends on sample i alone.
+    Once at most :data:`COMPACT_BELOW` of the batch is still active, the loop evaluates ``f``
+    on the active samples only (on CPU, where the index is free to compute): in DEQ training
+    most samples converge well before the slowest one, and their share of every cell call is
+    work nobody reads. The record is the same (up to the cell's rounding on a smaller batch).
     """
     if z0.dim() != 2:
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
-    counted = Evaluator(fn, budget=solver.max_iter)
+    counted = Evaluator(fn, budget=solver.max_iter, fn_rows=fn_rows)
     # On CPU a host check costs nothing, so whole-batch shortcuts (skip the masking copies
     # while every sample is active) pay; on accelerators we avoid the synchronisations.
     host_checks = accelerator.host_checks(z0)
@@ -342,6 +365,8 @@ def iterate(
         nonfinite |= newly_nonfinite
         if newly_diverged is not None:
             diverged |= newly_diverged
+        if fn_rows is not None and host_checks:
+            counted.rows = _compact_rows(going, counted.rows, active)
         active = going
 
     codes = torch.full_like(nfe, Status.MAX_ITER.code)
@@ -376,6 +401,25 @@ def iterate(
     )
     apply_policy(record, solver.policy, what=what)
     return FlatResult(z=best.z, solution=record)
+
+
+#: the loop evaluates f on the active samples only once at most this share of the batch is
+#: active (and the caller gave it ``fn_rows``); the gather and scatter cost two passes over
+#: the state, which a convolutional cell repays at any share, a tiny one below ~0.7
+COMPACT_BELOW = 0.75
+
+
+def _compact_rows(going: torch.Tensor, rows: Optional[torch.Tensor],
+                  active: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows to evaluate f on after this step: the active samples' index once they are at
+    most COMPACT_BELOW of the batch, else None (all); recomputed only when the active set
+    changed this step (``rows`` is returned unchanged otherwise)."""
+    count = int(going.sum())
+    if count == 0 or count > COMPACT_BELOW * going.numel():
+        return None
+    if rows is not None and bool(torch.equal(going, active)):
+        return rows
+    return going.nonzero().squeeze(1)
 
 
 def step_block(solver: Solver, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, state: Any,

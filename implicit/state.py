@@ -84,6 +84,10 @@ class StateSpec:
     def batch_size(self) -> int:
         return self.shapes[0][0]
 
+    def with_batch(self, batch: int) -> StateSpec:
+        """This structure for ``batch`` samples (a subset of the rows, say)."""
+        return attrs.evolve(self, shapes=tuple((batch, *s[1:]) for s in self.shapes))
+
     @property
     def part_sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s[1:]) for s in self.shapes)

@@ -219,3 +219,82 @@ def test_bad_solver_and_backward_arguments():
         implicit.DEQ(lambda z, x: z, solver="forward", backward=EXACT_IFT)
     with pytest.raises(ValueError, match="in_features=3"):
         implicit.DEQ(tanh_cell(), solver="forward", backward=EXACT_IFT)(torch.randn(2, 4))
+
+
+class _RowCounting(implicit.Cell):
+    """tanh(W z + U x) with per-sample contraction rates, recording the batch sizes it sees."""
+
+    batch_independent = True
+
+    def __init__(self, features: int = 6, batch: int = 8):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.W = torch.nn.Parameter(torch.randn(features, features, generator=gen,
+                                                dtype=torch.float64) / features ** 0.5)
+        self.U = torch.nn.Parameter(torch.randn(features, features, generator=gen,
+                                                dtype=torch.float64))
+        self.seen: list[int] = []
+
+    def injection(self, x):
+        # the sample's contraction rate rides in the injection, so it follows row subsets
+        rate = torch.linspace(0.05, 0.9, x.shape[0], dtype=x.dtype)[:, None]
+        return (x @ self.U.T, rate)
+
+    def update(self, z, u):
+        self.seen.append(z.shape[0])
+        ux, rate = u
+        return torch.tanh(rate * (z @ self.W.T) + ux)
+
+
+@pytest.mark.parametrize("solver", ["forward", "anderson", "broyden"])
+def test_compaction_evaluates_only_active_samples_with_the_same_record(solver):
+    """Samples converging at different times: with compaction (the default for a
+    batch-independent cell) later calls see fewer rows, and the record and the gradient are
+    those of full-batch evaluation."""
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for compact in (False, None):
+        cell = _RowCounting()
+        layer = implicit.DEQ(cell, solver=solver, backward="ift", tol=1e-10, stop="abs",
+                             max_iter=200, compact=compact)
+        xr = x.clone().requires_grad_()
+        z = layer(xr)
+        z.square().sum().backward()
+        results[compact] = (z.detach(), layer.solution, xr.grad, cell.seen)
+    (z0, s0, g0, seen0), (z1, s1, g1, seen1) = results[False], results[None]
+    assert set(seen0) == {8} and min(seen1) < 8  # compaction happened, and only with it
+    assert sum(seen1) < sum(seen0)
+    torch.testing.assert_close(z1, z0, rtol=0, atol=1e-12)
+    assert torch.equal(s1.nfe, s0.nfe) and s1.n_calls == s0.n_calls
+    assert torch.equal(s1.sample_status, s0.sample_status)
+    torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
+
+
+def test_compaction_needs_batch_independence():
+    class Coupled(_RowCounting):
+        batch_independent = False
+
+    cell = Coupled()
+    layer = implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-10, stop="abs",
+                         max_iter=200)
+    layer(torch.randn(8, 6, dtype=torch.float64))
+    assert set(cell.seen) == {8}  # a cell that does not declare it is always given the batch
+
+    class SharedInjection(_RowCounting):
+        def injection(self, x):
+            return (x @ self.U.T, torch.ones(1, 1, dtype=x.dtype))  # not batched
+
+    layer = implicit.DEQ(SharedInjection(), solver="forward", backward="ift", compact=True)
+    with pytest.raises(ValueError, match="compact=True.*batched in dimension 0"):
+        layer(torch.randn(8, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="compact must be None, True or False"):
+        implicit.DEQ(SharedInjection(), solver="forward", backward="ift", compact="yes")
+
+
+def test_registered_cells_declare_batch_independence_consistently(registry):
+    for entry in registry.entries():
+        if entry.kind != "cell":
+            continue
+        spec = registry.get("cell", entry.name).spec
+        declared = "batch_independent" in spec.capabilities
+        assert getattr(spec.factory, "batch_independent", False) == declared, entry.name

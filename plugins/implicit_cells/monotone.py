@@ -27,6 +27,8 @@ from implicit.cell import check_input
 class MonotoneCell(implicit.Cell):
     """Monotone DEQ: z <- ReLU((1-a) z + a (W z + U x + b)), W = (1-m) I - A^T A + B - B^T."""
 
+    batch_independent = True  # sample i of f depends on sample i only
+
     def __init__(
         self,
         features: int = 64,

@@ -31,6 +31,8 @@ def _gn(channels: int, groups: int) -> nn.GroupNorm:
 class MultiscaleCell(implicit.Cell):
     """MDEQ cell: per-resolution residual blocks with injection, fused across resolutions."""
 
+    batch_independent = True  # sample i of f depends on sample i only
+
     def __init__(
         self,
         in_channels: int = 3,

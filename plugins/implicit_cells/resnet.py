@@ -29,6 +29,8 @@ def _positive_int(name: str, value: object) -> int:
 class ResNetCell(implicit.Cell):
     """Tutorial ch.4 ResNet cell: norm(ReLU(z + norm(x + W2 * norm(ReLU(W1 * z)))))."""
 
+    batch_independent = True  # sample i of f depends on sample i only
+
     def __init__(
         self,
         channels: int = 48,

@@ -20,6 +20,8 @@ from implicit.cell import check_input
 class TanhCell(implicit.Cell):
     """z <- tanh(W z + U x + b) on states of shape (..., features)."""
 
+    batch_independent = True  # sample i of f depends on sample i only
+
     def __init__(
         self,
         features: int = 64,

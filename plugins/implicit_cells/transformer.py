@@ -27,6 +27,8 @@ from implicit.cell import check_input
 class TransformerCell(implicit.Cell):
     """DEQ-Transformer block: LN(h + FFN(h)), h = LN(z + Attn(z) + Ux); variational dropout."""
 
+    batch_independent = True  # sample i of f depends on sample i only
+
     def __init__(
         self,
         d_model: int = 64,

@@ -147,7 +147,10 @@ class Anderson(implicit.Solver):
             z_next = target
         else:
             alpha, failed = anderson_weights(state.gram[:, :k, :k], float(self.lam), newest=slot)
-            state.fallbacks += failed
+            # (samples the loop has stopped may sit at a stand-in fixed point, g = 0: not
+            # a failure anyone sees)
+            active = getattr(fn, "active", None)
+            state.fallbacks += failed if active is None else failed & active
             z_next = combine(alpha, state.Y[:, :k] if stacked else state.Y[:k])
         if state.damp is not None:  # samples whose steps were cut go on with shorter ones
             z_next = torch.addcmul(z, z_next - z, state.damp[:, None])
