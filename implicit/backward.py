@@ -29,7 +29,9 @@ class Problem:
         inputs: the tensors ``fn`` depends on that require grad (injection tensors, then the
             cell's parameters).
         fn_with: ``fn_with(z, new_inputs)`` evaluates the map with ``inputs`` replaced (same
-            order) — what higher-order implicit differentiation needs to take partials.
+            order) — what higher-order implicit differentiation needs to take partials. When
+            ``fn_rows`` is given it also takes ``fn_with(z_rows, new_inputs, rows)``: the map
+            on those samples only (an adjoint solve can then skip stopped samples too).
         spec: the structure of the state (to unflatten records); ``None`` for flat problems.
         what: names the solve in warnings and errors.
         on_backward_solution: called with the record of any solve made during backward

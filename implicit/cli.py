@@ -190,14 +190,21 @@ def verify(only=(), *, registry=None, max_examples=None, extra_args=(), report=N
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
     return number
 
 
 def _nonnegative_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 (e.g. 1e-4), got {value!r}") from None
     if not number >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
     return number
@@ -207,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="implicit", description="implicit-layers: deep equilibrium layers for PyTorch"
     )
+    import torch
+
+    from . import __version__
+
+    parser.add_argument("--version", action="version",
+                        version=f"implicit-layers {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = sub.add_parser("plugins", help="list registered solvers, cells and backwards")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")

@@ -63,6 +63,30 @@ def resolve_backward(backward: str | BackwardStrategy,
     )
 
 
+def _explain_input_mismatch(cell: nn.Module, x: Any, exc: Exception) -> None:
+    """Called when the cell's injection raised on ``x``: if ``x`` is on another device than
+    the cell's parameters, or of another dtype (integer, or float64 into a float32 cell),
+    raise that as a clear error (chained to torch's); otherwise return and let it propagate.
+    Checked only after a failure, so a cell that takes integer inputs (token ids) is fine."""
+    param = next(iter(cell.parameters()), None)
+    if param is None:
+        return
+    leaves, _ = _tensor_leaves(x)
+    amp = _autocast_of(x) is not None
+    for t in leaves:
+        if t.device != param.device:
+            raise ValueError(
+                f"x is on {t.device} but the cell's parameters are on {param.device}; move "
+                f"one of them (x.to({str(param.device)!r}) or layer.to({str(t.device)!r}))"
+            ) from exc
+        if t.dtype != param.dtype and not amp:
+            kind = "" if t.is_floating_point() else " (an integer tensor)"
+            raise TypeError(
+                f"x has dtype {t.dtype}{kind} but the cell's parameters are {param.dtype}; "
+                f"make them the same (x.to({param.dtype})"
+                + (f" or layer.to({t.dtype}))" if t.is_floating_point() else ")")) from exc
+
+
 class EquilibriumWarning(UserWarning):
     """A cell contains modules that change on every call in training (they move the fixed
     point)."""
@@ -245,8 +269,13 @@ class DEQ(nn.Module):
 
     Args:
         cell: an :class:`implicit.Cell` or any module with ``forward(z, x)`` returning z.
-        solver: a registered solver name or an :class:`implicit.Solver` instance.
-        backward: a registered backward name or an :class:`implicit.BackwardStrategy`.
+        solver: a registered solver name or an :class:`implicit.Solver` instance; default
+            ``"anderson"`` (m = 5), the fastest to tolerance on the bench's DEQ workloads
+            (``implicit bench --quick``: 17 calls on the ResNet cell against forward
+            iteration's 30, and the least time there).
+        backward: a registered backward name or an :class:`implicit.BackwardStrategy`;
+            default ``"ift"``, the implicit-function-theorem gradient (damped in training,
+            see its docs), exact outside training and to any order.
         tol, max_iter, stop, policy: override the solver's stopping rule and failure policy
             (``policy``: ``"warn"``, ``"raise"`` or ``"ignore"``).
         eval_tol, eval_max_iter: stopping rule in eval mode (default: the training one).
@@ -299,8 +328,8 @@ class DEQ(nn.Module):
     def __init__(
         self,
         cell: nn.Module,
-        solver: str | Solver,
-        backward: str | BackwardStrategy,
+        solver: str | Solver = "anderson",
+        backward: str | BackwardStrategy = "ift",
         *,
         tol: Optional[float] = None,
         max_iter: Optional[int] = None,
@@ -319,7 +348,16 @@ class DEQ(nn.Module):
         spectral_iters: int = 0,
         readout: str = "state",
         compact: Optional[bool] = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            names = ", ".join(sorted(unknown))
+            example = next(iter(sorted(unknown)))
+            raise TypeError(
+                f"DEQ got unexpected keyword argument(s) {names}. Solver and backward options "
+                f"go in solver_options= / backward_options= (e.g. DEQ(cell, solver='anderson', "
+                f"solver_options={{{example!r}: ...}})) or in the instances you pass "
+                f"(solver=make_solver('anderson', {example}=...))")
         super().__init__()
         check_cell(cell)
         _warn_stateful_modules(cell)
@@ -364,7 +402,11 @@ class DEQ(nn.Module):
         # parametrized weights (spectral/weight norm), computed once and held for the solve
         held = parametrized_tensors(cell)
         with hold_parametrized(cell, held):
-            u = injection_of(cell, x)
+            try:
+                u = injection_of(cell, x)
+            except RuntimeError as exc:  # a raw torch error deep in the cell: say what's wrong
+                _explain_input_mismatch(cell, x, exc)
+                raise
             expected = (init_state_of(cell, x) if z0 is None or _has_init_state(cell)
                         else None)
         if z0 is None:
@@ -395,12 +437,17 @@ class DEQ(nn.Module):
             with hold_parametrized(cell, held), _cell_precision(amp):
                 return _cast_like(update_of(cell, z, u), z)
 
-        def fn_with(z_flat: torch.Tensor, new_inputs) -> torch.Tensor:
+        def fn_with(z_flat: torch.Tensor, new_inputs,
+                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+            # rows: the map on those samples only (z_flat holds their rows), for compaction
             leaves = list(u_leaves)
             for j, i in enumerate(grad_u):
                 leaves[i] = new_inputs[j]
+            if rows is not None:
+                leaves = [leaf.index_select(0, rows) for leaf in leaves]
             new_params = new_inputs[len(grad_u):]
-            z = spec.unflatten(z_flat)
+            state_spec = spec if rows is None else spec.with_batch(rows.numel())
+            z = state_spec.unflatten(z_flat)
             current = dict(cell.named_parameters())  # may differ from forward time, e.g.
             # when the forward ran inside torch.func.functional_call
             values = {n: t for (n, _), t in zip(named, new_params)}
@@ -412,7 +459,7 @@ class DEQ(nn.Module):
                     params = {f"cell.{n}": t for n, t in values.items() if n not in held}
                     out = torch.func.functional_call(_CellUpdate(cell), params,
                                                      (z, rebuild_u(leaves)))
-            return spec.flatten(_cast_like(out, z), what="f(z)")
+            return state_spec.flatten(_cast_like(out, z), what="f(z)")
 
         def fn_rows(z_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             sub = spec.with_batch(rows.numel())
@@ -453,7 +500,11 @@ class DEQ(nn.Module):
                 backward = self.pretrain_backward
             self.train_steps += 1
         with _solver_precision(amp):
-            result = backward(problem, solver)
+            try:
+                result = backward(problem, solver)
+            except RuntimeError as exc:  # e.g. a plain module whose update meets x first
+                _explain_input_mismatch(cell, x, exc)
+                raise
         self.solution = result.solution
         self._stability_telemetry(problem, result.z)
         z_star = result.z

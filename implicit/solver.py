@@ -78,8 +78,8 @@ class Solver(abc.ABC):
 
     tol: float = attrs.field(default=1e-4, validator=nonnegative_number)
     max_iter: int = attrs.field(default=50, validator=positive_int)
-    stop: str = attrs.field(default="rel", validator=v.in_(STOP_MODES))
-    policy: str = attrs.field(default="warn", validator=v.in_(POLICIES))
+    stop: str = attrs.field(default="rel", validator=one_of(*STOP_MODES))
+    policy: str = attrs.field(default="warn", validator=one_of(*POLICIES))
     divergence_factor: float = attrs.field(default=1e8, validator=nonnegative_number)
     trace: bool = attrs.field(default=False, validator=v.instance_of(bool))
     returns: str = attrs.field(default="best", validator=one_of(*RETURNS))

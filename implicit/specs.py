@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 import attrs
 import torch
 from attrs import validators as v
+from .validators import one_of
 
 #: Capabilities a plugin may declare, per kind. A typo in a capability is a registration error.
 KNOWN_CAPABILITIES: Mapping[str, frozenset[str]] = {
@@ -392,7 +393,7 @@ class CellSpec(PluginSpec):
     )
     #: ``"cheap"`` cells get the full solver × backward gradient matrix in the contract suite;
     #: ``"costly"`` ones (convolutions, attention) are checked with the primary solver only
-    contract_cost: str = attrs.field(default="cheap", validator=v.in_(("cheap", "costly")))
+    contract_cost: str = attrs.field(default="cheap", validator=one_of("cheap", "costly"))
     workloads: tuple[Workload, ...] = attrs.field(
         default=(), converter=tuple, validator=v.deep_iterable(v.instance_of(Workload))
     )

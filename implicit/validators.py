@@ -7,6 +7,7 @@ Shared by the core and the plugins so every option error reads the same way::
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 Validator = Callable[[Any, Any, Any], None]
@@ -69,9 +70,16 @@ def check_value(name: str, value: Any, *validators: Validator) -> Any:
 
 
 def one_of(*choices: Any) -> Validator:
+    """One of ``choices``; the error names them and the closest match of a mistyped string."""
+
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if value not in choices:
-            raise ValueError(f"{attribute.name} must be one of {choices}, got {value!r}")
+            names = [c for c in choices if isinstance(c, str)]
+            close = (difflib.get_close_matches(value, names, n=1, cutoff=0.5)
+                     if isinstance(value, str) else [])
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{attribute.name} must be one of "
+                             f"{', '.join(map(repr, choices))}, got {value!r}{hint}")
 
     return check
 

@@ -247,26 +247,40 @@ class _RowCounting(implicit.Cell):
 
 
 @pytest.mark.parametrize("solver", ["forward", "anderson", "broyden"])
-def test_compaction_evaluates_only_active_samples_with_the_same_record(solver):
+def test_compaction_evaluates_only_active_samples_with_the_same_record(solver, monkeypatch):
     """Samples converging at different times: with compaction (the default for a
-    batch-independent cell) later calls see fewer rows, and the record and the gradient are
-    those of full-batch evaluation."""
+    batch-independent cell) later forward calls see fewer rows and so do the adjoint's VJPs,
+    and the records and the gradient are those of full-batch evaluation."""
     x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grad = torch.autograd.grad
     results = {}
     for compact in (False, None):
+        vjp_rows = []
+
+        def counting_grad(outputs, inputs, grad_outputs=None, *args, **kwargs):
+            if isinstance(grad_outputs, torch.Tensor):
+                vjp_rows.append(grad_outputs.shape[0])
+            return grad(outputs, inputs, grad_outputs, *args, **kwargs)
+
         cell = _RowCounting()
         layer = implicit.DEQ(cell, solver=solver, backward="ift", tol=1e-10, stop="abs",
                              max_iter=200, compact=compact)
         xr = x.clone().requires_grad_()
         z = layer(xr)
+        monkeypatch.setattr(torch.autograd, "grad", counting_grad)
         z.square().sum().backward()
-        results[compact] = (z.detach(), layer.solution, xr.grad, cell.seen)
-    (z0, s0, g0, seen0), (z1, s1, g1, seen1) = results[False], results[None]
-    assert set(seen0) == {8} and min(seen1) < 8  # compaction happened, and only with it
-    assert sum(seen1) < sum(seen0)
+        monkeypatch.setattr(torch.autograd, "grad", grad)
+        results[compact] = (z.detach(), layer.solution, layer.backward_solution, xr.grad,
+                            cell.seen, vjp_rows)
+    (z0, s0, b0, g0, seen0, v0), (z1, s1, b1, g1, seen1, v1) = results[False], results[None]
+    forward0, forward1 = seen0[:s0.n_calls], seen1[:s1.n_calls]
+    assert set(forward0) == {8} and min(forward1) < 8  # compaction happened, only with it
+    assert sum(forward1) < sum(forward0)
+    assert set(v0) == {8} and min(v1) < 8 and sum(v1) < sum(v0)  # the adjoint's VJPs too
     torch.testing.assert_close(z1, z0, rtol=0, atol=1e-12)
-    assert torch.equal(s1.nfe, s0.nfe) and s1.n_calls == s0.n_calls
-    assert torch.equal(s1.sample_status, s0.sample_status)
+    for a, b in ((s0, s1), (b0, b1)):
+        assert torch.equal(b.nfe, a.nfe) and b.n_calls == a.n_calls
+        assert torch.equal(b.sample_status, a.sample_status)
     torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-12)
 
 

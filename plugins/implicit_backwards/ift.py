@@ -47,7 +47,8 @@ from attrs import validators as v
 
 import implicit
 from implicit.registry import get_registry
-from implicit.validators import number_in, optional_nonnegative_number, optional_positive_int
+from implicit.validators import (number_in, one_of, optional_nonnegative_number,
+                                 optional_positive_int)
 
 MapWith = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 DAMPING = 0.1  # the default in training (see "Damping" above; measured in benchmarks/)
@@ -59,6 +60,8 @@ def _solver_or_name(instance, attribute, value):
             f"solver must be None, a registered solver name or an implicit.Solver, got "
             f"{type(value).__name__}"
         )
+    if isinstance(value, str):  # a misspelt name fails here, not at the first backward
+        get_registry().get("solver", value)
 
 
 @attrs.frozen(kw_only=True)
@@ -74,7 +77,7 @@ class ImplicitBackward(implicit.BackwardStrategy):
     tol: Optional[float] = attrs.field(default=None, validator=optional_nonnegative_number)
     max_iter: Optional[int] = attrs.field(default=None, validator=optional_positive_int)
     policy: Optional[str] = attrs.field(
-        default=None, validator=v.optional(v.in_(("warn", "raise", "ignore")))
+        default=None, validator=v.optional(one_of("warn", "raise", "ignore"))
     )
     damping: float = attrs.field(default=DAMPING, validator=number_in(0, 1, high_open=True))
 
@@ -110,6 +113,7 @@ class ImplicitBackward(implicit.BackwardStrategy):
             on_record=problem.on_backward_solution,
             what="IFT adjoint solve",
             gain=1.0 - float(self.damping) if problem.training else 1.0,
+            rows=problem.fn_rows is not None,
         )
         z = _FixedPoint.apply(z_star, context, *problem.inputs)
         return attrs.evolve(result, z=z)
@@ -125,10 +129,45 @@ class _Context:
     on_record: Optional[Callable[[implicit.Solution], None]]
     what: str
     gain: float = 1.0  # 1 − damping: the adjoint solved is w = gain · Jᵀ w + y
+    rows: bool = False  # map_with takes a row subset (the cell is batch-independent)
 
 
-def _solve_adjoint(ctx: _Context, vjp: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor):
-    """``w = vjp(w) + y`` per sample, relative to ‖y‖ (solved for w/‖y‖), without a graph."""
+#: an adjoint restricted to a subset S of the samples rebuilds its graph on the active rows
+#: once they are at most this share of S (each rebuild is one cell call on those rows)
+REBUILD_BELOW = 0.75
+
+
+def _vjp_rows_fn(map_with: MapWith, z_star: torch.Tensor, inputs: Sequence[torch.Tensor]):
+    """``vjp_rows(w_rows, rows)``: ``Jᵀ w`` on the samples ``rows`` only, through a graph of f
+    on a superset ``S`` of them (rebuilt on ``rows`` once they are at most REBUILD_BELOW of
+    ``S``; the active rows only shrink, so ``rows ⊆ S`` always)."""
+    cache: dict = {}
+
+    def vjp_rows(w_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        subset = cache.get("rows")
+        if subset is None or rows.numel() <= REBUILD_BELOW * subset.numel():
+            with torch.enable_grad():
+                z = z_star.index_select(0, rows).detach().requires_grad_()
+                cache.update(rows=rows, z=z, fz=map_with(z, inputs, rows))
+            subset = rows
+        z, fz = cache["z"], cache["fz"]
+        if not fz.requires_grad:
+            return torch.zeros_like(w_rows)
+        if rows.numel() == subset.numel():  # rows ⊆ S of the same size: rows is S
+            (out,) = torch.autograd.grad(fz, z, w_rows, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(w_rows) if out is None else out
+        where = torch.searchsorted(subset, rows)
+        w = w_rows.new_zeros(subset.numel(), w_rows.shape[1]).index_copy_(0, where, w_rows)
+        (out,) = torch.autograd.grad(fz, z, w, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(w_rows) if out is None else out.index_select(0, where)
+
+    return vjp_rows
+
+
+def _solve_adjoint(ctx: _Context, vjp: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
+                   vjp_rows: Optional[Callable] = None):
+    """``w = vjp(w) + y`` per sample, relative to ‖y‖ (solved for w/‖y‖), without a graph;
+    ``vjp_rows`` (see :func:`_vjp_rows_fn`) lets the loop skip samples that have stopped."""
     scale = torch.linalg.vector_norm(y, dim=1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     y_hat = (y / scale).detach()
@@ -136,7 +175,13 @@ def _solve_adjoint(ctx: _Context, vjp: Callable[[torch.Tensor], torch.Tensor], y
         gain = ctx.gain
         adjoint_map = ((lambda w: vjp(w) + y_hat) if gain == 1 else
                        (lambda w: torch.add(y_hat, vjp(w), alpha=gain)))
-        result = implicit.iterate(ctx.solver, adjoint_map, y_hat, what=ctx.what)
+        adjoint_rows = None
+        if vjp_rows is not None:
+            def adjoint_rows(w_rows, rows):
+                return torch.add(y_hat.index_select(0, rows), vjp_rows(w_rows, rows),
+                                 alpha=gain)
+        result = implicit.iterate(ctx.solver, adjoint_map, y_hat, what=ctx.what,
+                                  fn_rows=adjoint_rows)
     record = attrs.evolve(result.solution, nvjp=result.solution.n_calls)
     if ctx.on_record is not None:
         ctx.on_record(record)
@@ -184,7 +229,9 @@ class _FixedPoint(torch.autograd.Function):
                 partial = [t if t.grad_fn is None else t.detach().requires_grad_(t.requires_grad)
                            for t in inputs]
                 fz = context.map_with(z, partial)
-            w = _solve_adjoint(context, _vjp_fn(fz, z), y)
+            vjp_rows = (_vjp_rows_fn(context.map_with, z_saved, partial) if context.rows
+                        else None)
+            w = _solve_adjoint(context, _vjp_fn(fz, z), y, vjp_rows)
             wanted = [t for t, need in zip(partial, needs) if need]
             grads = iter(
                 torch.autograd.grad(fz, wanted, w, allow_unused=True) if wanted else ()

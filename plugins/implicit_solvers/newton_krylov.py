@@ -38,7 +38,7 @@ import torch
 from attrs import validators as v
 
 import implicit
-from implicit.validators import number_in, positive_int
+from implicit.validators import number_in, one_of, positive_int
 
 from .krylov import batched_gmres
 from .linesearch import backtrack
@@ -71,15 +71,15 @@ class NewtonKrylov(implicit.Solver):
 
     name: ClassVar[str] = "newton_krylov"
 
-    backend: str = attrs.field(default="auto", validator=v.in_(("auto", "scipy", "torch")))
-    method: str = attrs.field(default="lgmres", validator=v.in_(SCIPY_METHODS))
+    backend: str = attrs.field(default="auto", validator=one_of("auto", "scipy", "torch"))
+    method: str = attrs.field(default="lgmres", validator=one_of(*SCIPY_METHODS))
     inner_m: int = attrs.field(default=30, validator=positive_int)
     inner_maxiter: int = attrs.field(default=30, validator=positive_int)
     forcing: str = attrs.field(default="eisenstat_walker",
-                               validator=v.in_(("eisenstat_walker", "constant")))
+                               validator=one_of("eisenstat_walker", "constant"))
     eta: float = attrs.field(default=1e-2, validator=number_in(0, 1, low_open=True, high_open=True))
     jvp: str = attrs.field(default="auto",
-                           validator=v.in_(("auto", "forward_ad", "finite_difference")))
+                           validator=one_of("auto", "forward_ad", "finite_difference"))
     line_search: bool = attrs.field(default=True, validator=v.instance_of(bool))
 
     def resolved_backend(self, z: torch.Tensor) -> str:
