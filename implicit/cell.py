@@ -42,11 +42,18 @@ class Cell(nn.Module):
     """
 
     #: True when sample i of ``update(z, u)`` depends on sample i of ``z`` and ``u`` only (no
-    #: BatchNorm in training, no attention across the batch) and every tensor of the injection
-    #: has the batch in dimension 0. A DEQ then evaluates f only on the samples its solver
-    #: still iterates (``DEQ(..., compact=None)``, the default, follows this attribute). The
-    #: registered cells that declare the ``batch_independent`` capability set it.
+    #: BatchNorm in training, no attention across the batch). A DEQ then evaluates f only on
+    #: the samples its solver still iterates (``DEQ(..., compact=None)``, the default, follows
+    #: this attribute), with :meth:`injection_rows`. The registered cells that declare the
+    #: ``batch_independent`` capability set it.
     batch_independent: ClassVar[bool] = False
+
+    def injection_rows(self, u: Any, rows: torch.Tensor) -> Any:
+        """The injection of the samples ``rows`` (an int64 index) taken from the batch's
+        ``u``. Default: every tensor in ``u`` (tuple/list/dict nests) indexed along dim 0;
+        override when ``u`` also holds tensors that are not per sample (a weight matrix
+        computed once per solve, a causal mask)."""
+        return rows_of_batched(u, rows)
 
     def injection(self, x: Any) -> Any:
         """Precompute whatever of f depends on ``x`` alone (default: ``x`` itself)."""
@@ -70,6 +77,17 @@ class Cell(nn.Module):
 
     def forward(self, z: State, x: Any) -> State:
         return self.update(z, self.injection(x))
+
+
+def rows_of_batched(u: Any, rows: torch.Tensor) -> Any:
+    """Every tensor in ``u`` (tuple/list/dict nests) indexed by ``rows`` along dim 0."""
+    if isinstance(u, torch.Tensor):
+        return u.index_select(0, rows)
+    if isinstance(u, (tuple, list)):
+        return type(u)(rows_of_batched(part, rows) for part in u)
+    if isinstance(u, dict):
+        return {k: rows_of_batched(v, rows) for k, v in u.items()}
+    return u
 
 
 def check_input(x: Any, *, cell: str, layout: str, ndim: int | None = None,

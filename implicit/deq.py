@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backward import BackwardStrategy, Problem
-from .cell import Cell, check_cell, init_state_of, injection_of, update_of
+from .cell import Cell, check_cell, init_state_of, injection_of, rows_of_batched, update_of
 from .registry import get_registry
 from .solution import Solution, Status
 from .solver import Solver, iterate
@@ -443,8 +443,6 @@ class DEQ(nn.Module):
             leaves = list(u_leaves)
             for j, i in enumerate(grad_u):
                 leaves[i] = new_inputs[j]
-            if rows is not None:
-                leaves = [leaf.index_select(0, rows) for leaf in leaves]
             new_params = new_inputs[len(grad_u):]
             state_spec = spec if rows is None else spec.with_batch(rows.numel())
             z = state_spec.unflatten(z_flat)
@@ -453,20 +451,19 @@ class DEQ(nn.Module):
             values = {n: t for (n, _), t in zip(named, new_params)}
             with hold_parametrized(cell, {n: values.get(n, t) for n, t in held.items()}), \
                     _cell_precision(amp):
+                u_new = rebuild_u(leaves) if rows is None else rows_of(rebuild_u(leaves), rows)
                 if all(values[n] is current.get(n) for n in values if n not in held):
-                    out = update_of(cell, z, rebuild_u(leaves))
+                    out = update_of(cell, z, u_new)
                 else:
                     params = {f"cell.{n}": t for n, t in values.items() if n not in held}
-                    out = torch.func.functional_call(_CellUpdate(cell), params,
-                                                     (z, rebuild_u(leaves)))
+                    out = torch.func.functional_call(_CellUpdate(cell), params, (z, u_new))
             return state_spec.flatten(_cast_like(out, z), what="f(z)")
 
         def fn_rows(z_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             sub = spec.with_batch(rows.numel())
             if rows_cache.get("rows") is not rows:  # the loop keeps one index while the
                 # active set holds, so the injection's rows are gathered once per change
-                rows_cache.update(rows=rows, u=rebuild_u(
-                    [leaf.index_select(0, rows) for leaf in u_leaves]))
+                rows_cache.update(rows=rows, u=rows_of(u, rows))
             z = sub.unflatten(z_rows)
             with hold_parametrized(cell, held), _cell_precision(amp):
                 return sub.flatten(_cast_like(update_of(cell, z, rows_cache["u"]), z),
@@ -475,13 +472,18 @@ class DEQ(nn.Module):
         rows_cache: dict = {}
         compact = (getattr(cell, "batch_independent", False) if self.compact is None
                    else self.compact)
-        batched_u = all(t.dim() > 0 and t.shape[0] == spec.batch_size for t in u_leaves)
+        # an implicit.Cell says how to take rows of its injection; a plain module's input x
+        # is its injection, which must then be batched throughout
+        rows_of = cell.injection_rows if isinstance(cell, Cell) else rows_of_batched
+        batched_u = isinstance(cell, Cell) or all(
+            t.dim() > 0 and t.shape[0] == spec.batch_size for t in u_leaves)
         if self.compact and not batched_u:
             raise ValueError(
                 "DEQ(compact=True) evaluates the cell on subsets of the samples, which needs "
-                "every tensor of its injection batched in dimension 0; got shapes "
+                "every tensor of its input batched in dimension 0; got shapes "
                 f"{[tuple(t.shape) for t in u_leaves]} for a batch of {spec.batch_size}. "
-                "Use compact=None (or False) for this cell")
+                "Use compact=None (or False), or make the cell an implicit.Cell whose "
+                "injection_rows says how to take rows")
 
         problem = Problem(
             fn_rows=fn_rows if compact and batched_u else None,

@@ -294,15 +294,34 @@ def test_compaction_needs_batch_independence():
     layer(torch.randn(8, 6, dtype=torch.float64))
     assert set(cell.seen) == {8}  # a cell that does not declare it is always given the batch
 
-    class SharedInjection(_RowCounting):
-        def injection(self, x):
-            return (x @ self.U.T, torch.ones(1, 1, dtype=x.dtype))  # not batched
+    class PlainWithSharedInput(torch.nn.Module):  # x = (batched, shared): no rows to take
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6, dtype=torch.float64)
 
-    layer = implicit.DEQ(SharedInjection(), solver="forward", backward="ift", compact=True)
+        def forward(self, z, x):
+            return 0.5 * torch.tanh(self.lin(z) + x[0]) * x[1]
+
+    layer = implicit.DEQ(PlainWithSharedInput(), solver="forward", backward="ift",
+                         compact=True)
+    x = torch.randn(8, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="compact=True.*batched in dimension 0"):
-        layer(torch.randn(8, 6, dtype=torch.float64))
+        layer((x, torch.ones(1, 1, dtype=torch.float64)), z0=torch.zeros_like(x))
     with pytest.raises(TypeError, match="compact must be None, True or False"):
-        implicit.DEQ(SharedInjection(), solver="forward", backward="ift", compact="yes")
+        implicit.DEQ(PlainWithSharedInput(), solver="forward", backward="ift", compact="yes")
+
+
+def test_compaction_takes_rows_of_the_injection_as_the_cell_says():
+    """The monotone cell's injection holds its (features × features) weight besides the
+    per-sample term; with as many features as samples a naive row index would cut W too."""
+    torch.manual_seed(0)
+    cell = implicit.make_cell("monotone", features=3, in_features=2).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    full = implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-10, stop="abs",
+                        max_iter=300, compact=False)
+    compacted = implicit.DEQ(cell, solver="forward", backward="ift", tol=1e-10, stop="abs",
+                             max_iter=300)
+    torch.testing.assert_close(compacted(x), full(x), rtol=0, atol=1e-12)
 
 
 def test_registered_cells_declare_batch_independence_consistently(registry):

@@ -84,6 +84,10 @@ class MonotoneCell(implicit.Cell):
         W = self.weight()
         return self.U(x), W, self.step_size(W)
 
+    def injection_rows(self, u, rows):
+        ux, W, alpha = u  # W and alpha are the whole solve's, not per sample
+        return ux.index_select(0, rows), W, alpha
+
     def update(self, z: torch.Tensor, u) -> torch.Tensor:
         ux, W, alpha = u
         return torch.relu((1 - alpha) * z + alpha * (z @ W.T + ux))

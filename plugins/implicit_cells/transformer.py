@@ -75,6 +75,11 @@ class TransformerCell(implicit.Cell):
             masks = None
         return u, causal, masks
 
+    def injection_rows(self, u, rows):
+        inj, causal, masks = u  # the causal mask is shared by every sample
+        masks = None if masks is None else tuple(m.index_select(0, rows) for m in masks)
+        return inj.index_select(0, rows), causal, masks
+
     def update(self, z: torch.Tensor, u) -> torch.Tensor:
         inj, causal, masks = u
         a, _ = self.attn(z, z, z, attn_mask=causal, need_weights=False)
