@@ -42,8 +42,8 @@ from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
-from .linesearch import (GROWTH, MAX_CUTS, cut_budget, guard, guard_enabled,
-                         tolerance_floor)
+from .linesearch import (GROWTH, MAX_CUTS, GuardState, guard_enabled, guard_strategies,
+                         guarded)
 from .rows import CHAIN_MIN_NUMEL, combine, dots
 
 
@@ -86,9 +86,7 @@ class AndersonState:
     fallbacks: torch.Tensor  # (B,) int64
     # per-sample step scale after a safeguard cut (None: 1 for every sample), and the counts
     damp: Optional[torch.Tensor] = None
-    cuts_left: Optional[torch.Tensor] = None  # (B,) the safeguard's cuts left per sample
-    cuts: int = 0
-    cut_calls: int = 0
+    guard: GuardState = attrs.Factory(GuardState)
 
 
 @attrs.frozen(kw_only=True)
@@ -171,15 +169,9 @@ class Anderson(implicit.Solver):
         """Cut back a step whose residual grew by more than ``growth`` (see
         :func:`.linesearch.guard`); a sample whose step was cut keeps the shorter step scale for
         its next steps and doubles it back towards 1 with every step that is not cut."""
-        if state.cuts_left is None:
-            state.cuts_left = cut_budget(z, self.max_cuts)
-        z_next, fz_next, calls, t = guard(fn, z, z_next, fz_next, tolerance_floor(self, fn),
-                                          growth=self.growth, max_cuts=self.max_cuts,
-                                          g_next=g_next, cuts_left=state.cuts_left)
+        z_next, fz_next, t = guarded(self, fn, z, z_next, fz_next, state.guard, g_next)
         damp = state.damp
         if t is not None:
-            state.cuts += int((t < 1).sum())
-            state.cut_calls += calls
             damp = t if damp is None else damp * t
             damp = torch.where(t < 1, damp, (2 * damp).clamp(max=1))
         elif damp is not None:
@@ -188,8 +180,7 @@ class Anderson(implicit.Solver):
         return z_next, fz_next
 
     def stats(self, state: AndersonState) -> dict:
-        return {"fallbacks": int(state.fallbacks.sum()), "safeguard_cuts": state.cuts,
-                "safeguard_calls": state.cut_calls}
+        return {"fallbacks": int(state.fallbacks.sum()), **state.guard.stats()}
 
     def release(self, state: AndersonState) -> None:
         workspace.give(state.G, *([state.Y] if isinstance(state.Y, torch.Tensor) else []))
@@ -229,8 +220,7 @@ def _options():
         "m": st.integers(1, 8),
         "beta": st.sampled_from([1.0, 0.8, 0.5, 1.3]),
         "lam": st.sampled_from([1e-4, 1e-8, 1e-13, 1e-2]),
-        "safeguard": st.sampled_from([None, True, False]),
-        "growth": st.sampled_from([GROWTH, 2.0, 1e3]),
+        **guard_strategies(),
     })
 
 

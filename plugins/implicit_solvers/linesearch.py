@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import attrs
 import torch
 
 
@@ -125,3 +126,38 @@ def tolerance_floor(solver, fn):
         return float(solver.tol)
     return float(solver.tol) * fn.scale
 
+
+
+@attrs.define
+class GuardState:
+    """What a guarded solver keeps for its safeguard over one solve (part of its state)."""
+
+    cuts_left: Optional[torch.Tensor] = None  # (B,) cuts each sample may still take
+    cuts: int = 0  # samples' steps cut, summed over steps
+    calls: int = 0  # extra calls of f the cuts made
+
+    def stats(self) -> dict:
+        return {"safeguard_cuts": self.cuts, "safeguard_calls": self.calls}
+
+
+def guarded(solver, fn, z, z_next, fz_next, state: GuardState,
+            g_next: Optional[torch.Tensor] = None):
+    """:func:`guard` with ``solver``'s options (``growth``, ``max_cuts``, its tolerance), the
+    per-solve cut budget and the counts kept in ``state``; returns ``(z_next, fz_next, t)``."""
+    if state.cuts_left is None:
+        state.cuts_left = cut_budget(z, solver.max_cuts)
+    z_next, fz_next, calls, t = guard(fn, z, z_next, fz_next, tolerance_floor(solver, fn),
+                                      growth=solver.growth, max_cuts=solver.max_cuts,
+                                      g_next=g_next, cuts_left=state.cuts_left)
+    if t is not None:
+        state.cuts += int((t < 1).sum())
+        state.calls += calls
+    return z_next, fz_next, t
+
+
+def guard_strategies() -> dict:
+    """Hypothesis strategies of the safeguard options, for a solver's option strategy."""
+    from hypothesis import strategies as st
+
+    return {"safeguard": st.sampled_from([None, True, False]),
+            "growth": st.sampled_from([GROWTH, 2.0, 1e3])}
