@@ -6,8 +6,10 @@ calls, the IFT backward solved by Anderson to 1e-6 (also capped at 30), Adam 2e-
 schedule, batch 100. Data: MNIST-1D (Greydanus & Kobak 2020, generated offline by the
 ``mnist1d`` package: 4000 train / 1000 test sequences of length 40) or scikit-learn's digits
 (8×8 images, the 2-D cell). Both layers sit in one ``nn.Sequential`` built from the same seed
-(stem conv + BatchNorm, the DEQ, BatchNorm, average pool, linear head) and are trained by one
-loop on the same batches, so the only difference is the layer::
+(stem conv + BatchNorm, the DEQ, BatchNorm, average pool, linear head) and are trained on the
+same batches, so the only difference is the layer. By default the variants of one seed train
+in lockstep in one process (``--schedule lockstep``: each batch goes to every variant in turn,
+each step timed on its own), so that their times are taken under the same machine load::
 
     python benchmarks/training_parity.py --data mnist1d --epochs 30 --seeds 0 1 2 \\
         --variants tutorial implicit --out benchmarks/results/cpu-training-parity
@@ -318,48 +320,108 @@ def evaluate(model: nn.Module, data) -> float:
     return correct / len(data[0])
 
 
-def train(variant: str, *, data: str, epochs: int, seed: int, batch_size: int = 100,
-          lr: float = 2e-3, diagnose_every: int = 0, log=print, **model_options) -> dict:
-    layer, options = parse_variant(variant)
-    train_set, test_set, dims = load_data(data)
-    length = train_set[0].shape[-1]
-    model = build_model(layer, options, dims=dims, length=length, seed=seed, **model_options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    n = len(train_set[0])
-    steps_per_epoch = -(-n // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+def _solve_calls(layer: nn.Module) -> tuple[float, float]:
+    """Mean calls of f per sample in the last training step's forward and adjoint solves (the
+    tutorial's solves run on the whole batch: their count of iterates)."""
+    if isinstance(layer, TutorialDEQ):
+        return len(layer.forward_res) + 2, len(layer.backward_res) + 2
+    sol, bsol = layer.solution, getattr(layer, "backward_solution", None)
+    forward = float(sol.nfe.float().mean()) if sol is not None else float("nan")
+    adjoint = float(bsol.nfe.float().mean()) if bsol is not None else float("nan")
+    return forward, adjoint
+
+
+class Run:
+    """One variant's training: model, optimiser and schedule built from the seed, one timed
+    step per batch, a test evaluation per epoch (outside the timed region)."""
+
+    def __init__(self, variant: str, *, data: str, epochs: int, seed: int, batch_size: int = 100,
+                 lr: float = 2e-3, diagnose_every: int = 0, **model_options) -> None:
+        layer, options = parse_variant(variant)
+        self.train_set, self.test_set, dims = load_data(data)
+        self.n = len(self.train_set[0])
+        length = self.train_set[0].shape[-1]
+        self.model = build_model(layer, options, dims=dims, length=length, seed=seed,
+                                 **model_options)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        steps_per_epoch = -(-self.n // batch_size)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, epochs * steps_per_epoch)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.info = {"variant": variant, "data": data, "seed": seed, "epochs": epochs,
+                     "model": model_options}
+        self.diagnose_every = diagnose_every
+        self.history: list = []
+        self.diagnostics: list = []
+        self.train_seconds, self.steps = 0.0, 0
+        self._loss, self._calls = 0.0, [0.0, 0.0]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        start = time.perf_counter()
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.train_seconds += time.perf_counter() - start
+        self._loss += float(loss.detach()) * len(x)
+        for i, calls in enumerate(_solve_calls(_deq_of(self.model))):
+            self._calls[i] += calls
+        self.steps += 1
+        if self.diagnose_every and self.steps % self.diagnose_every == 0:
+            self.diagnostics.append({"step": self.steps, **diagnose(self.model, x)})
+
+    def end_epoch(self, epoch: int, steps: int, log=print) -> None:
+        accuracy = evaluate(self.model, self.test_set)
+        self.history.append({
+            "epoch": epoch, "train_loss": self._loss / self.n, "test_accuracy": accuracy,
+            "train_seconds": self.train_seconds,
+            "forward_calls": self._calls[0] / steps, "adjoint_calls": self._calls[1] / steps})
+        h, d = self.history[-1], self.diagnostics
+        log(f"{self.info['variant']} seed {self.info['seed']} epoch {epoch:3d}: loss "
+            f"{h['train_loss']:.4f}  test {100 * accuracy:.2f}%  {self.train_seconds:.0f} s  "
+            f"calls {h['forward_calls']:.1f}/{h['adjoint_calls']:.1f}"
+            + (f"  rho {d[-1]['rho_mean']:.3f}  fwd {d[-1]['forward_residual']:.3g}"
+               f"  adj {d[-1]['adjoint_residual']:.3g}" if d else ""))
+        self._loss, self._calls = 0.0, [0.0, 0.0]
+
+    def result(self) -> dict:
+        return {**self.info, "test_accuracy": self.history[-1]["test_accuracy"],
+                "train_seconds": self.train_seconds, "history": self.history,
+                "diagnostics": self.diagnostics, "threads": torch.get_num_threads(),
+                "torch": torch.__version__}
+
+
+def train_together(variants: list[str], *, data: str, epochs: int, seed: int,
+                   batch_size: int = 100, log=print, **options) -> list[dict]:
+    """Train every variant of one seed in lockstep: the same batch goes to each in turn (the
+    order alternating from step to step), each step timed on its own. The layers then meet the
+    same machine at every moment — a load that comes and goes, or one run finishing before the
+    other and leaving the machine to it, slows them alike — so their time ratio is measured
+    under equal conditions. One variant is a plain training run."""
+    runs = [Run(v, data=data, epochs=epochs, seed=seed, batch_size=batch_size, **options)
+            for v in variants]
+    train_set, n = runs[0].train_set, runs[0].n
     order = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    history, diagnostics, train_seconds, step = [], [], 0.0, 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=order)
-        total_loss = 0.0
+        steps = 0
         for i in range(0, n, batch_size):
             index = perm[i:i + batch_size]
             x, y = train_set[0][index], train_set[1][index]
-            start = time.perf_counter()
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            train_seconds += time.perf_counter() - start
-            total_loss += float(loss.detach()) * len(index)
-            step += 1
-            if diagnose_every and step % diagnose_every == 0:
-                diagnostics.append({"step": step, **diagnose(model, x)})
-        accuracy = evaluate(model, test_set)
-        history.append({"epoch": epoch, "train_loss": total_loss / n, "test_accuracy": accuracy,
-                        "train_seconds": train_seconds})
-        log(f"{variant} seed {seed} epoch {epoch:3d}: loss {total_loss / n:.4f}  "
-            f"test {100 * accuracy:.2f}%  {train_seconds:.0f} s"
-            + (f"  rho {diagnostics[-1]['rho_mean']:.3f}  fwd {diagnostics[-1]['forward_residual']:.3g}"
-               f"  adj {diagnostics[-1]['adjoint_residual']:.3g}" if diagnostics else ""))
-    return {"variant": variant, "data": data, "seed": seed, "epochs": epochs,
-            "model": model_options,
-            "test_accuracy": history[-1]["test_accuracy"], "train_seconds": train_seconds,
-            "history": history, "diagnostics": diagnostics, "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+            for run in (runs if steps % 2 == 0 else runs[::-1]):
+                run.step(x, y)
+            steps += 1
+        for run in runs:
+            run.end_epoch(epoch, steps, log=log)
+    return [run.result() for run in runs]
+
+
+def train(variant: str, *, data: str, epochs: int, seed: int, batch_size: int = 100,
+          lr: float = 2e-3, diagnose_every: int = 0, log=print, **model_options) -> dict:
+    """One variant's training run (see :func:`train_together`)."""
+    return train_together([variant], data=data, epochs=epochs, seed=seed, batch_size=batch_size,
+                          lr=lr, diagnose_every=diagnose_every, log=log, **model_options)[0]
 
 
 def compare_gradients(variants: list[str], *, data: str, steps: int, seed: int,
@@ -480,6 +542,10 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=48)
     parser.add_argument("--inner-channels", type=int, default=64)
     parser.add_argument("--diagnose-every", type=int, default=0)
+    parser.add_argument("--schedule", choices=["lockstep", "sequential"], default="lockstep",
+                        help="lockstep (default): the variants of a seed train in one process "
+                        "on the same batches, steps alternating, so that they are timed under "
+                        "the same machine load; sequential: one after the other")
     parser.add_argument("--runs", type=Path, default=Path("bench-out/training-parity"),
                         help="folder for one JSON per run (existing runs are reused)")
     parser.add_argument("--out", type=Path, help="write results.json and curves.png here")
@@ -501,18 +567,25 @@ def main(argv=None) -> int:
     args.runs.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
-        for variant in args.variants:
-            path = args.runs / (f"{args.data}-c{args.channels}-{args.inner_channels}-{variant}"
-                                f"-e{args.epochs}-seed{seed}.json")
-            if path.exists():
+        paths = {variant: args.runs / (f"{args.data}-c{args.channels}-{args.inner_channels}-"
+                                       f"{variant}-e{args.epochs}-seed{seed}.json")
+                 for variant in args.variants}
+        if all(path.exists() for path in paths.values()):
+            for path in paths.values():
                 runs.append(json.loads(path.read_text()))
                 print(f"reusing {path}")
-                continue
-            run = train(variant, data=args.data, epochs=args.epochs, seed=seed,
-                        diagnose_every=args.diagnose_every, channels=args.channels,
-                        inner_channels=args.inner_channels)
-            path.write_text(json.dumps(run, indent=1))
-            runs.append(run)
+            continue
+        options = dict(data=args.data, epochs=args.epochs, seed=seed,
+                       diagnose_every=args.diagnose_every, channels=args.channels,
+                       inner_channels=args.inner_channels)
+        if args.schedule == "lockstep":
+            found = train_together(args.variants, **options)
+        else:
+            found = [train(variant, **options) for variant in args.variants]
+        for run in found:
+            run["schedule"] = args.schedule
+            paths[run["variant"]].write_text(json.dumps(run, indent=1))
+        runs.extend(found)
     summary = summarize(runs)
     print(markdown(summary))
     for variant, s in summary.items():

@@ -219,3 +219,79 @@ def test_bad_inputs_are_clear_errors():
         implicit.solve(lambda z: z, torch.zeros(2, 3), solver="forward", policy="loud")
     with pytest.raises(ValueError, match="max_iter"):
         implicit.make_solver("forward", max_iter=0)
+
+
+class _RowMap:
+    """z ↦ tanh(r_i W z + b_i) + d_i z per sample: rates spread so samples stop at different
+    steps, the last sample's map pushed off (d = 1.5: plain iteration diverges there). Knows
+    its rows (``on_rows``) and records the batch sizes it is called with."""
+
+    def __init__(self, batch: int = 12, n: int = 5):
+        gen = torch.Generator().manual_seed(4)
+        self.W = torch.randn(n, n, generator=gen, dtype=torch.float64) / n ** 0.5
+        self.b = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+        self.r = torch.linspace(0.05, 0.95, batch, dtype=torch.float64)[:, None]
+        self.d = torch.zeros(batch, 1, dtype=torch.float64)
+        self.d[-1] = 1.5
+        self.sizes: list[int] = []
+
+    def on_rows(self, z, rows):
+        self.sizes.append(z.shape[0])
+        return torch.tanh(self.r[rows] * (z @ self.W.T) + self.b[rows]) + self.d[rows] * z
+
+    def __call__(self, z):
+        return self.on_rows(z, torch.arange(z.shape[0]))
+
+
+@pytest.mark.parametrize("name", ["forward", "anderson", "broyden"])
+def test_stopped_samples_leave_the_solve_with_the_same_record(name, monkeypatch):
+    """With ``fn_rows`` a selectable solver's loop drops stopped samples from its state once
+    they are a quarter of it: later calls see fewer rows, and the record (iterates, residuals,
+    nfe, statuses, solver counts) is that of the whole-batch solve."""
+    selected = []
+    select = type(implicit.make_solver(name)).select
+    monkeypatch.setattr(type(implicit.make_solver(name)), "select",
+                        lambda self, state, keep: selected.append(keep.numel())
+                        or select(self, state, keep))
+    out = {}
+    for use_rows in (False, True):
+        f = _RowMap()
+        solver = implicit.make_solver(name, tol=1e-11, stop="abs", max_iter=60,
+                                      policy="ignore", divergence_factor=1e3)
+        result = implicit.iterate(solver, f, torch.zeros(12, 5, dtype=torch.float64),
+                                  fn_rows=f.on_rows if use_rows else None)
+        out[use_rows] = (result.solution, f.sizes)
+    (full, full_sizes), (cut, cut_sizes) = out[False], out[True]
+    assert set(full_sizes) == {12} and min(cut_sizes) < 12 and selected  # it happened
+    assert sorted(cut_sizes, reverse=True) == cut_sizes  # rows only ever leave
+    assert len(set(full.nfe.tolist())) > 3  # samples stopped at different steps
+    if name == "forward":  # and one diverged (held, then dropped)
+        assert full.sample_status[-1] == Status.DIVERGED.code
+    torch.testing.assert_close(cut.z, full.z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cut.abs_residual, full.abs_residual, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(cut.rel_residual, full.rel_residual, rtol=1e-6, atol=1e-12)
+    for name in ("nfe", "sample_status", "converged"):
+        assert torch.equal(getattr(cut, name), getattr(full, name)), name
+    assert cut.n_calls == full.n_calls and cut.status is full.status
+    assert {k: v for k, v in cut.stats.items()} == full.stats
+
+
+def test_a_solver_that_cannot_cut_its_state_says_so():
+    solver = implicit.make_solver("newton_krylov")
+    assert not solver.selectable
+    with pytest.raises(NotImplementedError, match="newton_krylov.*cannot drop samples"):
+        solver.select(None, torch.arange(2))
+
+
+@pytest.mark.parametrize("name, count", [("anderson", "fallbacks"), ("broyden", "skipped_updates")])
+def test_cutting_a_state_keeps_the_dropped_samples_counts(name, count):
+    solver = implicit.make_solver(name)
+    z = torch.zeros(3, 4, dtype=torch.float64)
+    state = solver.init(z, z + 1)
+    field = "fallbacks" if name == "anderson" else "skipped"
+    setattr(state, field, torch.tensor([1, 2, 3]))
+    cut = solver.select(state, torch.tensor([0, 2]))
+    assert getattr(cut, field).tolist() == [1, 3]
+    assert solver.stats(cut)[count] == 6
+    assert (cut.G if name == "anderson" else cut.A).shape[0] == 2
+    solver.release(cut)

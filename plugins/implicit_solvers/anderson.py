@@ -87,6 +87,10 @@ class AndersonState:
     # per-sample step scale after a safeguard cut (None: 1 for every sample), and the counts
     damp: Optional[torch.Tensor] = None
     guard: GuardState = attrs.Factory(GuardState)
+    # fallbacks of samples the loop has dropped (see `select`); whether G and a stacked Y came
+    # from the workspace (buffers cut to a subset of the samples do not: odd shapes)
+    fallbacks_dropped: int = 0
+    pooled: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -95,6 +99,7 @@ class Anderson(implicit.Solver):
 
     name: ClassVar[str] = "anderson"
     uses_residual: ClassVar[bool] = True
+    selectable: ClassVar[bool] = True
 
     m: int = attrs.field(default=5, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
@@ -179,11 +184,28 @@ class Anderson(implicit.Solver):
         state.damp = None if damp is None or bool((damp == 1).all()) else damp
         return z_next, fz_next
 
+    def select(self, state: AndersonState, keep: torch.Tensor) -> AndersonState:
+        """The history of the samples ``keep`` (each sample's mix uses its own rows only)."""
+        def rows(t):
+            return None if t is None else t.index_select(0, keep)
+
+        dropped = int(state.fallbacks.sum()) - int(state.fallbacks.index_select(0, keep).sum())
+        Y = rows(state.Y) if isinstance(state.Y, torch.Tensor) else [rows(y) for y in state.Y]
+        selected = AndersonState(
+            Y=Y, G=rows(state.G), gram=rows(state.gram), count=state.count,
+            fallbacks=rows(state.fallbacks), damp=rows(state.damp),
+            guard=attrs.evolve(state.guard, cuts_left=rows(state.guard.cuts_left)),
+            fallbacks_dropped=state.fallbacks_dropped + dropped, pooled=False)
+        self.release(state)
+        return selected
+
     def stats(self, state: AndersonState) -> dict:
-        return {"fallbacks": int(state.fallbacks.sum()), **state.guard.stats()}
+        return {"fallbacks": int(state.fallbacks.sum()) + state.fallbacks_dropped,
+                **state.guard.stats()}
 
     def release(self, state: AndersonState) -> None:
-        workspace.give(state.G, *([state.Y] if isinstance(state.Y, torch.Tensor) else []))
+        if state.pooled:
+            workspace.give(state.G, *([state.Y] if isinstance(state.Y, torch.Tensor) else []))
 
 
 #: the largest relative ridge under which the linear-termination claim is made

@@ -141,6 +141,10 @@ class BroydenState:
     skipped: torch.Tensor  # (B,) int64
     ls_calls: int
     guard: GuardState = attrs.Factory(GuardState)
+    # skipped updates of samples the loop has dropped (see `select`); whether A and W came from
+    # the workspace (buffers cut to a subset of the samples do not: odd shapes)
+    skipped_dropped: int = 0
+    pooled: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -149,6 +153,7 @@ class Broyden(implicit.Solver):
 
     name: ClassVar[str] = "broyden"
     uses_residual: ClassVar[bool] = True
+    selectable: ClassVar[bool] = True
 
     memory: int = attrs.field(default=30, validator=positive_int)
     line_search: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
@@ -201,7 +206,9 @@ class Broyden(implicit.Solver):
                     state.prev_s * state.prev_scale[:, None])
                 numer, step_scale = dz + s - taken, None
             skip, moved, coef = secant_row(state.A, state.W, slot, numer, r, dg, step_scale)
-            state.skipped += skip & moved
+            # (counted for samples the loop still iterates: stopped ones, at g ≈ 0, skip)
+            active = getattr(fn, "active", None)
+            state.skipped += skip & moved if active is None else skip & moved & active
             state.used += 1
             # B_new = B − a wᵀ, so −B_new g = s + (w·g) a = s + (r·g) coef · numer
             gain = torch.where(skip, torch.zeros_like(coef), dots(g, r.unsqueeze(1))[:, 0] * coef)
@@ -227,12 +234,29 @@ class Broyden(implicit.Solver):
         state.stepped_to = z_next if (z_next is full_step and not compiling) else None
         return z_next, fz_next, state
 
+    def select(self, state: BroydenState, keep: torch.Tensor) -> BroydenState:
+        """The low-rank inverse Jacobians of the samples ``keep`` (one per sample)."""
+        def rows(t):
+            return None if t is None else t.index_select(0, keep)
+
+        dropped = int(state.skipped.sum()) - int(state.skipped.index_select(0, keep).sum())
+        selected = attrs.evolve(
+            state, A=rows(state.A), W=rows(state.W), prev_z=rows(state.prev_z),
+            prev_g=rows(state.prev_g), prev_s=rows(state.prev_s),
+            prev_scale=rows(state.prev_scale), stepped_to=None, skipped=rows(state.skipped),
+            guard=attrs.evolve(state.guard, cuts_left=rows(state.guard.cuts_left)),
+            skipped_dropped=state.skipped_dropped + dropped, pooled=False)
+        self.release(state)
+        return selected
+
     def stats(self, state: BroydenState) -> dict:
-        return {"skipped_updates": int(state.skipped.sum()), "line_search_calls": state.ls_calls,
-                "restarts": state.restarts, **state.guard.stats()}
+        return {"skipped_updates": int(state.skipped.sum()) + state.skipped_dropped,
+                "line_search_calls": state.ls_calls, "restarts": state.restarts,
+                **state.guard.stats()}
 
     def release(self, state: BroydenState) -> None:
-        workspace.give(state.A, state.W)
+        if state.pooled:
+            workspace.give(state.A, state.W)
 
 
 def linear_termination_calls(solver: Broyden, inst: implicit.Instance) -> Optional[int]:

@@ -22,12 +22,16 @@ class ForwardIteration(implicit.Solver):
     """Fixed-point iteration with optional damping beta (z <- (1-beta) z + beta f(z))."""
 
     name: ClassVar[str] = "forward"
+    selectable: ClassVar[bool] = True
 
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
 
     def step(self, fn, z: torch.Tensor, fz: torch.Tensor, state: Any):
         z_next = fz if self.beta == 1 else torch.lerp(z, fz, float(self.beta))
         return z_next, fn(z_next), state
+
+    def select(self, state: Any, keep: torch.Tensor) -> Any:
+        return state  # no state
 
 
 def contraction_calls(solver: ForwardIteration, inst: implicit.Instance) -> Optional[int]:
