@@ -61,7 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stop=args.stop, max_iter=50 if args.max_iter is None else args.max_iter,
         repeat=repeat, seed=args.seed, quick=args.quick, out=args.out,
         isolate=args.isolate, plots=not args.no_plots, compare=args.compare,
-        malloc=args.malloc,
+        malloc=args.malloc, compile=args.compile,
     )
     try:
         result = run_bench(config)
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a fresh process per combination (default: on for CPU)")
     bench.add_argument("--compare", choices=["torchdeq"],
                        help="also run the workloads through torchdeq (if importable)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also run every solver that has a fixed-shape step with "
+                       "compile=True (torch.compile'd blocks), next to its eager self; the "
+                       "first training step's compile time is reported apart")
     bench.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
                        help="C allocator settings for CPU timings: 'tuned' (default) keeps freed "
                        "memory instead of returning it and faulting it back in every step (as "

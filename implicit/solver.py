@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import weakref
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import attrs
 import torch
@@ -42,6 +42,30 @@ from .validators import nonnegative_number, one_of, positive_int
 
 FlatFn = Callable[[torch.Tensor], torch.Tensor]
 RETURNS: tuple[str, ...] = ("best", "last")
+
+
+def _compile_ok(instance, attribute, value) -> None:
+    if isinstance(value, str):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if value not in backends:
+            raise ValueError(f"compile={value!r} is not a torch.compile backend; use True "
+                             f"(inductor), False, or one of {sorted(backends)}")
+    elif not isinstance(value, bool):
+        raise TypeError(f"compile must be True, False or a torch.compile backend name, got "
+                        f"{value!r}")
+    if not value:
+        return
+    if not type(instance).static:
+        raise ValueError(f"solver {instance.name!r} has no fixed-shape step, so it cannot run "
+                         "compiled; compile=True works with the forward and anderson solvers")
+    if instance.trace:
+        raise ValueError("trace=True is not available with compile=True (the compiled blocks "
+                         "keep no per-step record); use one or the other")
+    if getattr(instance, "safeguard", None) is True:
+        raise ValueError("safeguard=True is not available with compile=True (a step cut needs "
+                         "a host check per step); use safeguard=None or False")
 
 
 @attrs.frozen(kw_only=True)
@@ -80,6 +104,8 @@ class Solver(abc.ABC):
     uses_residual: ClassVar[bool] = False
     #: whether :meth:`select` cuts a state to a subset of its samples
     selectable: ClassVar[bool] = False
+    #: whether :meth:`static_init` / :meth:`static_step` give a fixed-shape step (compile=True)
+    static: ClassVar[bool] = False
 
     tol: float = attrs.field(default=1e-4, validator=nonnegative_number)
     max_iter: int = attrs.field(default=50, validator=positive_int)
@@ -91,6 +117,11 @@ class Solver(abc.ABC):
     check_every: Optional[int] = attrs.field(
         default=None, validator=v.optional(positive_int)
     )
+    #: run the solve as ``torch.compile``-d blocks of ``block`` fixed-shape steps
+    #: (:mod:`implicit.compiled`; solvers with ``static = True``): True (inductor) or the
+    #: name of a torch.compile backend ("eager", "aot_eager": tracing without code generation)
+    compile: Union[bool, str] = attrs.field(default=False, validator=_compile_ok)
+    block: int = attrs.field(default=4, validator=positive_int)
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:
         """Algorithm state after the first evaluation ``fz = f(z)``; default: none."""
@@ -113,6 +144,23 @@ class Solver(abc.ABC):
 
     def stats(self, state: Any) -> dict:
         """Solver-specific telemetry read from the final state (e.g. fallback counts)."""
+        return {}
+
+    def static_init(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> Any:
+        """The fixed-shape state of the compiled path (:mod:`implicit.compiled`): tensors
+        only, whose shapes do not change over the solve. Default: no state."""
+        return ()
+
+    def static_step(self, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor,
+                    state: Any, active: torch.Tensor):
+        """One step of the compiled path: exactly one call of ``fn`` on the whole batch, no
+        host synchronisation, no Python value that changes from step to step; returns
+        ``(z_next, fz_next, g_next, state)`` with ``g_next = fz_next − z_next``. ``active``:
+        the ``(B,)`` mask of samples the loop still counts."""
+        raise NotImplementedError(f"solver {self.name!r} has no fixed-shape step")
+
+    def static_stats(self, state: Any) -> dict:
+        """Telemetry from the compiled path's final state; default: none."""
         return {}
 
     def release(self, state: Any) -> None:
@@ -292,6 +340,10 @@ def iterate(
     """
     if z0.dim() != 2:
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
+    if solver.compile:
+        from .compiled import iterate_compiled
+
+        return iterate_compiled(solver, fn, z0, spec=spec, what=what)
     counted = Evaluator(fn, budget=solver.max_iter, fn_rows=fn_rows)
     # On CPU a host check costs nothing, so whole-batch shortcuts (skip the masking copies
     # while every sample is active) pay; on accelerators we avoid the synchronisations.

@@ -22,6 +22,7 @@ def build_matrix(
     quick: bool = False,
     device: str = "cpu",
     template: Combination,
+    compiled: bool = False,
 ) -> list[Combination]:
     """Combinations of the selected (default: all) solvers × cell workloads × backwards.
 
@@ -29,7 +30,9 @@ def build_matrix(
     ``device``, and pairs where one plugin ``requires`` a capability the other lacks. With
     ``quick``, only workloads marked quick, and only every solver with the primary backward plus
     every backward with the primary solver. Unknown names are errors (with a did-you-mean).
-    A selection may carry options: ``"phantom:k=1"`` (see :func:`parse_selection`).
+    A selection may carry options: ``"phantom:k=1"`` (see :func:`parse_selection`). With
+    ``compiled``, every selected solver that has a fixed-shape step (``static``) also runs with
+    ``compile=True``, next to its eager self.
     """
     device_type = device.split(":")[0]
 
@@ -49,6 +52,10 @@ def build_matrix(
     solver_entries = [
         (e, o) for e, o in pick("solver", solvers) if "linear_only" not in e.spec.capabilities
     ]
+    if compiled:
+        solver_entries = [pair for e, o in solver_entries for pair in (
+            [(e, o), (e, {**o, "compile": True})]
+            if getattr(e.spec.factory, "static", False) and not o.get("compile") else [(e, o)])]
     cell_entries = [e for e, _ in pick("cell", cells)]
     if workloads:
         known = {w.name for e in cell_entries for w in e.spec.workloads}

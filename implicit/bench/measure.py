@@ -232,8 +232,16 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     ).to(device=device, dtype=spec.dtype)
 
     # peak memory of one training step (forward solve + backward), before anything else grows;
-    # a one-sample step first, so one-time set-up (autograd engine, thread pools) is not counted
-    if isinstance(x, torch.Tensor):
+    # a one-sample step first, so one-time set-up (autograd engine, thread pools) is not counted.
+    # A compiled solver instead takes a first full step, timed: it compiles the forward and
+    # adjoint blocks (compile time is reported apart from the steady-state times below)
+    first_step_s = None
+    if solver.compile:
+        start = time.perf_counter()
+        _grads(layer, x, weight, spec)
+        sync(device)
+        first_step_s = time.perf_counter() - start
+    elif isinstance(x, torch.Tensor):
         _grads(layer, x[:1], weight[:1], attrs.evolve(spec, shapes=tuple(
             (1, *s[1:]) for s in spec.shapes)))
     if device.type == "cuda":
@@ -294,7 +302,9 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     if not exact:
         reference["error"] = "no backward with the 'exact' capability is registered"
     else:
-        ref_options = combo.solver_options if ref_name == combo.solver else {}
+        # (the reference runs eager: compiling it too would only add compile time)
+        ref_options = ({k: v for k, v in combo.solver_options.items() if k != "compile"}
+                       if ref_name == combo.solver else {})
         ref_solver = registry.make(
             "solver", ref_name, **{**ref_options, "tol": combo.reference_tol, "stop": "rel",
                                    "max_iter": 20 * combo.max_iter, "policy": "ignore"},
@@ -339,6 +349,11 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "train_forward_time_s": statistics.median(train_fwd),
         "backward_time_s": statistics.median(train_bwd),
         "train_step_times_s": train_times,
+        # compiled solvers: the first training step (compiling its blocks) and what it cost
+        # beyond a steady-state step
+        "first_step_s": first_step_s,
+        "compile_s": (None if first_step_s is None
+                      else max(0.0, first_step_s - statistics.median(train_times))),
         "cell_eval_time_s": min(cell_times),
         "floor_ratio": floor_ratio,
         "peak_memory_bytes": int(peak_bytes),
@@ -355,7 +370,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
 
 def _trace(layer: DEQ, x: Any) -> list[float]:
     """Median (over the batch) stopping residual after each solver step, from an untimed solve."""
-    traced = attrs.evolve(layer.solver, trace=True)
+    traced = attrs.evolve(layer.solver, trace=True, compile=False)  # the eager loop traces
     saved = layer.solver
     layer.solver = traced
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +40,10 @@ def table(records: list[dict[str, Any]], title: str):
     if has_compare:
         t.add_column("torchdeq fwd ×", justify="right")
         t.add_column("torchdeq train ×", justify="right")
+    has_compiled = any(r.get("compile_s") is not None for r in records)
+    if has_compiled:
+        t.add_column("compile s", justify="right")
+        t.add_column("paid back after", justify="right")
     for r in records:
         c = r["combination"]
         if r.get("error"):
@@ -66,8 +71,35 @@ def table(records: list[dict[str, Any]], title: str):
             cmp = r.get("compare") or {}
             row += [_fmt(cmp.get("forward_time_ratio"), ".2f"),
                     _fmt(cmp.get("train_step_time_ratio"), ".2f")]
+        if has_compiled:
+            steps = payback_steps(r, records)
+            row += [_fmt(r.get("compile_s"), ".1f"),
+                    "-" if r.get("compile_s") is None else
+                    ("never" if steps is None else f"{steps} steps")]
         t.add_row(*row)
     return t
+
+
+def eager_twin(record: dict, records: list[dict]) -> Optional[dict]:
+    """The record of the same combination with the solver not compiled."""
+    c = record["combination"]
+    options = {k: v for k, v in c.get("solver_options", {}).items() if k != "compile"}
+    for r in records:
+        o = r["combination"]
+        if (not r.get("error") and o.get("solver_options", {}) == options
+                and all(o.get(k) == c.get(k) for k in c if k != "solver_options")):
+            return r
+    return None
+
+
+def payback_steps(record: dict, records: list[dict]) -> Optional[int]:
+    """Training steps after which a compiled solver's compile time is repaid by its faster
+    steps (against its eager twin); None when it is not faster."""
+    twin = eager_twin(record, records)
+    if record.get("compile_s") is None or twin is None:
+        return None
+    saved = twin["train_step_time_s"] - record["train_step_time_s"]
+    return math.ceil(record["compile_s"] / saved) if saved > 0 else None
 
 
 def write_json(path: Path, machine: dict, config: dict, records: list[dict]) -> None:

@@ -44,6 +44,7 @@ class BenchConfig:
     plots: bool = True
     compare: Optional[str] = None
     malloc: str = attrs.field(default="tuned", validator=attrs.validators.in_(MALLOC_MODES))
+    compile: bool = False  # also run every static solver with compile=True
 
     @property
     def isolated(self) -> bool:
@@ -137,6 +138,7 @@ def run_bench(
         registry, solvers=config.solvers, cells=config.cells, backwards=config.backwards,
         workloads=config.workloads,
         quick=config.quick, device=config.device, template=template,
+        compiled=config.compile,
     )
     if not combos:
         raise ValueError(

@@ -41,6 +41,12 @@ def _parts(state: Any) -> list[torch.Tensor]:
     return list(state) if isinstance(state, (tuple, list)) else [state]
 
 
+#: the torch.compile backend of the contract suite's compiled cases: AOTAutograd's tracing
+#: and functionalisation run the blocks as inductor would receive them, without its code
+#: generation (minutes per drawn set of options on CPU); CI also compiles with inductor
+#: (tests/test_compiled.py)
+COMPILE_BACKEND = "aot_eager"
+
 @attrs.frozen(kw_only=True)
 class Case:
     """One contract case: the plugins it combines; ``str(case)`` is its test id."""
@@ -51,6 +57,7 @@ class Case:
     backward: Optional[str] = None
     adjoint: Optional[str] = None
     guarantee: Optional[str] = None  # efficacy cases: the solver's guarantee checked
+    compiled: bool = False  # the solver runs its compiled path (see COMPILE_BACKEND)
 
     def __str__(self) -> str:
         if self.guarantee:
@@ -58,14 +65,25 @@ class Case:
         parts = [self.backward] if self.backward else []
         if self.adjoint:
             parts[-1] += f"[adjoint={self.adjoint}]"
-        return "-".join(parts + [self.solver, self.cell])
+        return "-".join(parts + [self.solver + ("[compiled]" if self.compiled else ""),
+                                 self.cell])
 
     def options(self, draw, kind: str = "solver") -> dict:
         """Options of this case's solver (or backward) drawn from the plugin's declared
-        ``option_strategy``; ``{}`` (the defaults) when it declares none."""
+        ``option_strategy``; ``{}`` (the defaults) when it declares none. A compiled case's
+        solver gets ``compile=COMPILE_BACKEND`` (and no forced safeguard, which needs the
+        eager loop)."""
         name = self.solver if kind == "solver" else self.backward
         strategy = self.registry.get(kind, name).spec.option_strategy
-        return dict(draw(strategy(), label=f"{kind} options")) if strategy else {}
+        options = dict(draw(strategy(), label=f"{kind} options")) if strategy else {}
+        if self.compiled and kind == "solver":
+            options["compile"] = COMPILE_BACKEND
+            if options.get("safeguard") is True:
+                options["safeguard"] = None
+            from hypothesis import strategies as st
+
+            options["block"] = draw(st.sampled_from([1, 3, 8]), label="block")
+        return options
 
     def example(self, draw, dtype: torch.dtype) -> CellExample:
         return draw(self.registry.get("cell", self.cell).spec.strategy(dtype=dtype),
@@ -125,6 +143,11 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
     solver_cases = [Case(registry=registry, solver=s.name, cell=c.name)
                     for s in solvers for c in cells
                     if s.spec.requires <= c.spec.capabilities and wanted(s, c)]
+    # solvers with a compiled path: the solver contract over it too, on the cheap cells
+    solver_cases += [Case(registry=registry, solver=s.name, cell=c.name, compiled=True)
+                     for s in solvers if getattr(s.spec.factory, "static", False)
+                     for c in cells if c.spec.contract_cost == "cheap"
+                     and s.spec.requires <= c.spec.capabilities and wanted(s, c)]
     independent = {c.name for c in cells if "batch_independent" in c.spec.capabilities}
     efficacy_cases = []
     for s in all_solvers:
@@ -284,9 +307,12 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
              f"{name}: per-sample statuses {[s.name for s in statuses]} disagree with "
              f"converged={sol.converged.tolist()}")
     # the loop tests "all done?" every check_every steps (1 with host checks, else 4), so at
-    # most check_every − 1 calls follow the last sample's stop
+    # most check_every − 1 calls follow the last sample's stop; a compiled solve tests it
+    # between blocks of `block` steps
     every = getattr(algorithm, "check_every", None) or (
         1 if host_checks(spec.flatten(sol.z)) else 4)
+    if getattr(algorithm, "compile", False):
+        every = int(algorithm.block)
     _require(int(sol.nfe.max()) <= sol.n_calls <= int(sol.nfe.max()) + every - 1,
              f"{name}: n_calls={sol.n_calls} but the most calls any sample was active for is "
              f"{int(sol.nfe.max())} and stopping is tested every {every} steps: calls made "

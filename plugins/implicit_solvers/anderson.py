@@ -100,6 +100,7 @@ class Anderson(implicit.Solver):
     name: ClassVar[str] = "anderson"
     uses_residual: ClassVar[bool] = True
     selectable: ClassVar[bool] = True
+    static: ClassVar[bool] = True
 
     m: int = attrs.field(default=5, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
@@ -183,6 +184,53 @@ class Anderson(implicit.Solver):
             damp = (2 * damp).clamp(max=1)
         state.damp = None if damp is None or bool((damp == 1).all()) else damp
         return z_next, fz_next
+
+    # -- the compiled path's fixed-shape step (implicit.compiled) ------------------------------
+    # The m slots are a shift register, newest last: a step drops slot 0 and appends, so no
+    # slot index (a Python number that would change from step to step) appears, and the slots
+    # not yet filled are masked out of the least squares (their rows of the system are the
+    # identity, their weights zero). Same mix as `step` up to round-off.
+
+    def static_init(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> dict:
+        b, n = z.shape
+        return {"Y": z.new_zeros(b, self.m, n), "G": z.new_zeros(b, self.m, n),
+                "gram": z.new_zeros(b, self.m, self.m),
+                "count": torch.zeros((), dtype=torch.int64, device=z.device),
+                "fallbacks": torch.zeros(b, dtype=torch.int64, device=z.device)}
+
+    def static_step(self, fn, z, fz, g, state: dict, active: torch.Tensor):
+        m = self.m
+        target = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
+        G = torch.cat([state["G"][:, 1:], g.unsqueeze(1)], dim=1)
+        Y = torch.cat([state["Y"][:, 1:], target.unsqueeze(1)], dim=1)
+        row = dots(g, G)  # (B, m): <g_i, g>, the newest last
+        top = torch.cat([state["gram"][:, 1:, 1:], row[:, :-1, None]], dim=2)
+        gram = torch.cat([top, row[:, None, :]], dim=1)
+        count = state["count"] + 1
+        filled = torch.arange(m, device=z.device) >= m - torch.clamp(count, max=m)
+        both = filled[:, None] & filled[None, :]
+        system = torch.where(both, gram, torch.zeros_like(gram))
+        diagonal = torch.diagonal(system, dim1=-2, dim2=-1)
+        k = torch.clamp(count, max=m).to(z.dtype)
+        trace = diagonal.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+        ridge = torch.where(filled, trace * (float(self.lam) / k), torch.ones_like(diagonal))
+        system = system + torch.diag_embed(ridge)
+        factor, info = torch.linalg.cholesky_ex(system)
+        w = torch.cholesky_solve(torch.ones_like(row).unsqueeze(-1), factor).squeeze(-1)
+        w = torch.where(filled, w, torch.zeros_like(w))
+        alpha = w / w.sum(dim=-1, keepdim=True)
+        failed = (info != 0) | ~torch.isfinite(alpha.sum(dim=-1))
+        newest = torch.zeros_like(alpha)
+        newest[:, -1] = 1
+        alpha = torch.where(failed[:, None], newest, alpha)
+        z_next = torch.bmm(alpha.unsqueeze(1), Y).squeeze(1)
+        fz_next = fn(z_next)
+        state = {"Y": Y, "G": G, "gram": gram, "count": count,
+                 "fallbacks": state["fallbacks"] + (failed & active).long()}
+        return z_next, fz_next, fz_next - z_next, state
+
+    def static_stats(self, state: dict) -> dict:
+        return {"fallbacks": int(state["fallbacks"].sum())}
 
     def select(self, state: AndersonState, keep: torch.Tensor) -> AndersonState:
         """The history of the samples ``keep`` (each sample's mix uses its own rows only)."""

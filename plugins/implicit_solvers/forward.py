@@ -23,6 +23,7 @@ class ForwardIteration(implicit.Solver):
 
     name: ClassVar[str] = "forward"
     selectable: ClassVar[bool] = True
+    static: ClassVar[bool] = True
 
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
 
@@ -32,6 +33,11 @@ class ForwardIteration(implicit.Solver):
 
     def select(self, state: Any, keep: torch.Tensor) -> Any:
         return state  # no state
+
+    def static_step(self, fn, z, fz, g, state, active):
+        z_next = fz if self.beta == 1 else torch.lerp(z, fz, float(self.beta))
+        fz_next = fn(z_next)
+        return z_next, fz_next, fz_next - z_next, state
 
 
 def contraction_calls(solver: ForwardIteration, inst: implicit.Instance) -> Optional[int]:

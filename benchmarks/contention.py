@@ -1,0 +1,136 @@
+"""Solver speed on a shared CPU: each solver's forward solve idle, then with a concurrent
+CPU-bound process that this script starts and stops itself.
+
+Issue 21 found Newton–Krylov (torch backend) 80× to more than 400× slower on the ResNet quick
+workload while another CPU-bound process ran on the 2-core machine, with torch's default
+thread count; forward iteration kept its speed. This measures every solver the same way::
+
+    python benchmarks/contention.py                       # ResNet quick workload, all solvers
+    python benchmarks/contention.py --solvers newton_krylov --load-threads 2 --out DIR
+
+The load is a separate Python process multiplying 512×512 matrices in a loop with torch's
+default thread count (a training job next door), started after the idle timings and killed
+after the loaded ones (and in any case after ``--load-seconds``). Each timed solve is bounded
+by ``--limit`` seconds (SIGALRM): a solve that takes longer is reported as "> limit".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import implicit
+
+LOAD = """
+import sys, time, torch
+if {threads}: torch.set_num_threads({threads})
+a = torch.randn(512, 512)
+end = time.time() + {seconds}
+while time.time() < end:
+    a = torch.tanh(a @ a / 512)
+"""
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout
+
+
+def build(workload: str, cell_name: str, seed: int = 0):
+    registry = implicit.get_registry()
+    spec = registry.get("cell", cell_name).spec
+    w = next(w for w in spec.workloads if w.name == workload)
+    torch.manual_seed(seed)
+    cell = registry.make("cell", cell_name, **w.cell_options)
+    x = torch.randn(w.batch, *w.input_shape, generator=torch.Generator().manual_seed(seed + 1))
+    return cell, x
+
+
+def time_solve(layer, x, repeat: int, limit: float) -> dict:
+    """Median wall time of ``repeat`` forward solves (no graph), each bounded by ``limit``."""
+    times, timed_out = [], False
+    with torch.no_grad():
+        for _ in range(repeat):
+            signal.signal(signal.SIGALRM, _alarm)
+            signal.setitimer(signal.ITIMER_REAL, limit)
+            start = time.perf_counter()
+            try:
+                layer(x)
+            except Timeout:
+                timed_out = True
+                break
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            times.append(time.perf_counter() - start)
+    sol = layer.solution
+    return {"median_s": statistics.median(times) if times else None, "times_s": times,
+            "timed_out": timed_out,
+            "n_calls": sol.n_calls if sol is not None and not timed_out else None,
+            "njvp": sol.njvp if sol is not None and not timed_out else None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", default="resnet")
+    parser.add_argument("--workload", default="resnet_c48_s16")
+    parser.add_argument("--solvers", default="forward,anderson,broyden,newton_krylov")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--limit", type=float, default=60.0, help="seconds per timed solve")
+    parser.add_argument("--load-threads", type=int, default=0,
+                        help="threads of the load process (0: torch's default)")
+    parser.add_argument("--load-seconds", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, help="write results.json here")
+    args = parser.parse_args(argv)
+    cell, x = build(args.workload, args.cell)
+    layers = {}
+    for name in args.solvers.split(","):
+        solver = implicit.make_solver(name, tol=1e-4, max_iter=50, policy="ignore")
+        layers[name] = implicit.DEQ(cell, solver=solver, backward="ift").eval()
+        with torch.no_grad():
+            layers[name](x)  # warm up
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
+          f"CPUs; {args.workload}")
+    idle = {name: time_solve(layer, x, args.repeat, args.limit) for name, layer in layers.items()}
+    load = subprocess.Popen([sys.executable, "-c", LOAD.format(threads=args.load_threads,
+                                                               seconds=args.load_seconds)])
+    try:
+        time.sleep(2.0)  # let the load start
+        loaded = {name: time_solve(layer, x, args.repeat, args.limit)
+                  for name, layer in layers.items()}
+    finally:
+        load.kill()
+        load.wait()
+    rows = []
+    for name in layers:
+        a, b = idle[name], loaded[name]
+        ratio = (b["median_s"] / a["median_s"]) if a["median_s"] and b["median_s"] else None
+        shown = (f"> {args.limit:.0f} s" if b["timed_out"] else f"{b['median_s'] * 1e3:9.1f} ms")
+        print(f"{name:14s} idle {a['median_s'] * 1e3:9.1f} ms   loaded {shown:>12s}   "
+              + (f"x{ratio:.2f}" if ratio else "(timed out)")
+              + f"   calls {a['n_calls']}  jvps {a['njvp']}")
+        rows.append({"solver": name, "idle": a, "loaded": b, "ratio": ratio})
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({
+            "command": "python benchmarks/contention.py " + " ".join(argv or sys.argv[1:]),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "workload": args.workload,
+            "load": {"threads": args.load_threads or "default", "kind": "512x512 matmul loop"},
+            "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The compiled solve path (``compile=...``): same records as the eager loop, fixed budget,
+no recompiles per batch, clear refusals; one real inductor compile of a DEQ training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+import implicit
+from implicit import Status
+from implicit.cell import injection_of, update_of
+
+
+def _problem(batch: int = 10, n: int = 6, dtype=torch.float64):
+    """z ↦ tanh(r_i W z + b_i) + d_i z: rates spread (samples stop at different steps), one
+    sample pushed off (d = 1.5) and one whose map is NaN from the start."""
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(n, n, generator=gen, dtype=dtype) / n ** 0.5
+    b = torch.randn(batch, n, generator=gen, dtype=dtype)
+    r = torch.linspace(0.05, 0.9, batch, dtype=dtype)[:, None]
+    d = torch.zeros(batch, 1, dtype=dtype)
+    d[-1] = 1.5
+    b[-2] = float("nan")
+    return lambda z: torch.tanh(r * (z @ W.T) + b) + d * z
+
+
+@pytest.mark.parametrize("name", ["forward", "anderson"])
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("stop", ["abs", "rel"])
+def test_compiled_solve_keeps_the_eager_record(name, block, stop):
+    fn = _problem()
+    options = dict(tol=1e-9, stop=stop, max_iter=45, policy="ignore", divergence_factor=1e3)
+    eager = implicit.iterate(implicit.make_solver(name, **options), fn,
+                             torch.zeros(10, 6, dtype=torch.float64))
+    solver = implicit.make_solver(name, compile="aot_eager", block=block, **options)
+    compiled = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64))
+    e, c = eager.solution, compiled.solution
+    assert len(set(e.sample_status.tolist())) >= 2  # samples stopped in different ways
+    for field in ("nfe", "sample_status", "converged"):
+        assert torch.equal(getattr(c, field), getattr(e, field)), field
+    torch.testing.assert_close(c.z, e.z, rtol=0, atol=1e-10, equal_nan=True)
+    torch.testing.assert_close(c.abs_residual, e.abs_residual, rtol=1e-6, atol=1e-12,
+                               equal_nan=True)
+    assert c.status is e.status
+    # whole blocks: the calls made, never past the budget, at least the longest sample's
+    assert e.n_calls <= c.n_calls <= 45 and c.n_calls >= int(c.nfe.max())
+    assert c.stats["compiled_blocks"] >= 1
+    if name == "anderson":
+        assert c.stats["fallbacks"] == e.stats["fallbacks"]
+
+
+def test_compiled_solve_stays_within_the_budget():
+    fn = _problem()
+    solver = implicit.make_solver("forward", compile="aot_eager", block=4, tol=0.0,
+                                  max_iter=10, policy="ignore")
+    sol = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
+    # f(z0), two blocks of 4, then one eager step: exactly the budget
+    assert sol.n_calls == 10 and sol.stats["compiled_blocks"] == 2
+    assert sol.stats["eager_steps"] == 1
+    assert int(sol.nfe.max()) == 10 and sol.status is not Status.CONVERGED
+
+
+def test_new_maps_and_batch_sizes_do_not_recompile_forever():
+    """A DEQ makes a new closure over each batch's injection: guarded on its code, not its
+    identity. A second batch size compiles once more (dynamic batch), later sizes reuse it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cell = implicit.make_cell("tanh", features=8)
+    solver = implicit.make_solver("anderson", compile="eager", block=3, tol=1e-6, max_iter=20,
+                                  policy="ignore")
+    frames = []
+    for batch in (4, 4, 6, 9, 5, 4):
+        with torch.no_grad():
+            u = injection_of(cell, torch.randn(batch, 8))
+            implicit.iterate(solver, lambda z: update_of(cell, z, u), torch.zeros(batch, 8))
+        frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert frames[1] == frames[0]  # a new closure: no recompile
+    assert frames[-1] <= 2 * frames[0]  # one dynamic recompile at most
+
+
+def test_compiled_path_refusals_are_clear():
+    with pytest.raises(ValueError, match="broyden.*no fixed-shape step.*forward and anderson"):
+        implicit.make_solver("broyden", compile=True)
+    with pytest.raises(ValueError, match="trace=True is not available with compile=True"):
+        implicit.make_solver("anderson", compile=True, trace=True)
+    with pytest.raises(ValueError, match="safeguard=True is not available"):
+        implicit.make_solver("anderson", compile=True, safeguard=True)
+    with pytest.raises(ValueError, match="'inductr' is not a torch.compile backend"):
+        implicit.make_solver("anderson", compile="inductr")
+    with pytest.raises((TypeError, ValueError), match="compile must be True, False or a torch"):
+        implicit.make_solver("anderson", compile=1)
+
+
+def test_deq_training_step_compiled_with_inductor_matches_eager():
+    """The real thing: inductor compiles the forward and adjoint blocks of a DEQ on a small
+    tanh cell; z*, records and gradients are the eager ones within round-off."""
+    torch.manual_seed(0)
+    cell = implicit.make_cell("tanh", features=8)
+    x = torch.randn(6, 8)
+    grads, records = {}, {}
+    for compiled in (False, True):
+        layer = implicit.DEQ(cell, solver=implicit.make_solver(
+            "anderson", compile=compiled, block=4), backward="ift", tol=1e-5, max_iter=40)
+        xr = x.clone().requires_grad_()
+        z = layer(xr)
+        z.square().sum().backward()
+        grads[compiled] = (xr.grad, [p.grad.clone() for p in cell.parameters()])
+        records[compiled] = (z.detach(), layer.solution, layer.backward_solution)
+        cell.zero_grad()
+    (z0, s0, b0), (z1, s1, b1) = records[False], records[True]
+    assert s1.stats["compiled_blocks"] >= 1 and b1.stats["compiled_blocks"] >= 1
+    torch.testing.assert_close(z1, z0, rtol=0, atol=1e-5)
+    assert torch.equal(s1.nfe, s0.nfe) and s1.all_converged and b1.all_converged
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
