@@ -1,6 +1,6 @@
 """The `Solver` interface and the one loop that runs every solver.
 
-A solver only says how to take a step (``init`` / ``step``); :func:`iterate` owns iteration,
+A solver only says how to take a step (``init`` / ``step``); :func:`~implicit.iterate` owns iteration,
 per-sample stopping, masking, best-iterate tracking, telemetry and the status of the result.
 The problem is always ``z = f(z)`` on a flat batch ``z`` of shape ``(B, n)``.
 
@@ -74,9 +74,9 @@ class Solver(abc.ABC):
 
     Subclasses are ``@attrs.frozen(kw_only=True)`` classes adding their own options and
     implementing :meth:`step` (and :meth:`init` when they keep state such as a history).
-    The options below are shared by every solver and consumed by :func:`iterate`.
+    The options below are shared by every solver and consumed by :func:`~implicit.iterate`.
 
-    Rules for ``step``: call ``fn`` (an :class:`Evaluator`: it counts calls and knows the
+    Rules for ``step``: call ``fn`` (an :class:`~implicit.solver.Evaluator`: it counts calls and knows the
     remaining budget) on the whole batch; never write in place into the tensors you are given
     (they may be the caller's); return the next iterate and ``fn`` of it. Rows of samples that
     are no longer active are discarded by the loop.
@@ -136,7 +136,7 @@ class Solver(abc.ABC):
     def select(self, state: Any, keep: torch.Tensor) -> Any:
         """The state of the samples ``keep`` only (a ``(k,)`` int64 index into the batch,
         increasing): the loop drops samples that have stopped from the solve (see
-        :func:`iterate`'s ``fn_rows``). A solver whose samples are solved apart supports it by
+        :func:`~implicit.iterate`'s ``fn_rows``). A solver whose samples are solved apart supports it by
         setting ``selectable = True`` and returning its state with every per-sample tensor cut
         to those rows; counts it reports in :meth:`stats` must keep the dropped samples' share.
         The given state is not used afterwards (its buffers may be given back)."""
@@ -305,7 +305,7 @@ def _meets(metric: torch.Tensor, scale: torch.Tensor, tol: float, stop: str):
 
 @attrs.frozen(kw_only=True, eq=False)
 class FlatResult:
-    """What :func:`iterate` returns: the best iterate (keeps autograd history) and its record."""
+    """What :func:`~implicit.iterate` returns: the best iterate (keeps autograd history) and its record."""
 
     z: torch.Tensor
     solution: Solution
@@ -328,7 +328,7 @@ def iterate(
 
     ``fn_rows(z_rows, rows)``, when given, is ``fn`` evaluated on the samples ``rows`` (a
     ``(k,)`` int64 index) only — possible when sample i of ``fn`` depends on sample i alone.
-    Once at most :data:`COMPACT_BELOW` of the batch is still active, the loop evaluates ``f``
+    Once at most :data:`~implicit.solver.COMPACT_BELOW` of the batch is still active, the loop evaluates ``f``
     on the active samples only (on CPU, where the index is free to compute): in DEQ training
     most samples converge well before the slowest one, and their share of every cell call is
     work nobody reads. A solver that can cut its state to a subset of its samples
@@ -562,7 +562,7 @@ def step_block(solver: Solver, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, st
     """``steps`` steps of ``solver`` from ``(z, fz = fn(z), state)`` with no stopping test, no
     masking and no record: a fixed-iteration block without host synchronisation, the unit to
     hand to ``torch.compile`` (``compile_block``). Stops, per-sample records and telemetry
-    stay outside, in :func:`iterate`. ``state`` is ``solver.init(z, fz)`` or a previous
+    stay outside, in :func:`~implicit.iterate`. ``state`` is ``solver.init(z, fz)`` or a previous
     block's."""
     counted = fn if isinstance(fn, Evaluator) else Evaluator(fn, budget=steps * 1_000)
     g = None

@@ -52,11 +52,26 @@ def test_in_process_run_writes_schema_table_and_plots(tmp_path, registry, capsys
                 assert 0.9 < record["grad_cosine"] and record["grad_rel_error"] < 0.5
             else:
                 assert record["grad_rel_error"] < 1e-2
-    for name in ("residuals.png", "time_nfe.png"):
+    for name in ("residuals.png", "time_nfe.png", "matrix.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "implicit bench" in out and "tanh_d256" in out
-    assert len(result["files"]) == 3
+    assert len(result["files"]) == 4
+    # stdout is not a terminal here: one line per finished combination, as it finishes
+    n = len(payload["records"])
+    assert all(f"[{i}/{n}] " in out for i in range(1, n + 1))
+    assert "load_average_1min" in payload["machine"]
+
+
+def test_a_busy_machine_is_warned_about_and_recorded(tmp_path, registry, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    run_bench(_quick_config(tmp_path, cells=("tanh",), solvers=("forward",),
+                            backwards=("ift",), plots=False), registry=registry)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert "machine is busy" in payload["machine"]["warning"]
+    assert "warning: the machine is busy" in capsys.readouterr().out
 
 
 def test_isolated_worker_measures_peak_memory(tmp_path):

@@ -59,6 +59,14 @@ def test_verify_rejects_the_broken_plugin_readably(monkeypatch, capsys):
     assert "test_solver_contract[in_place-tanh]" in out
 
 
+def test_verify_names_why_a_contract_was_skipped(capsys):
+    """gmres (linear_only) has efficacy cases but no leak case: the skip says why."""
+    assert verify(only=["gmres"], max_examples=1,
+                  extra_args=["-k", "leak or efficacy"]) == 0
+    out = capsys.readouterr().out
+    assert "no leak case for gmres: it needs a backward, an unrollable solver" in out
+
+
 def test_verify_with_an_unknown_selection_says_so(capsys):
     assert verify(only=["no_such_plugin"], max_examples=1) == 2
     assert "no contract case matches" in capsys.readouterr().err

@@ -145,33 +145,132 @@ def plot(records: list[dict[str, Any]], out: Path, tol: Optional[float],
     plt.close(fig)
     paths.append(path)
 
-    # 2. forward time, training-step time and NFE per combination
-    labels = [f"{_label(r['combination'], 'solver')}\n{r['combination']['workload']}\n"
-              f"{_label(r['combination'], 'backward')}" for r in ok]
-    fwd_ms = [r["forward"]["time_s"] * 1e3 for r in ok]
-    train_ms = [r["train_step_time_s"] * 1e3 for r in ok]
-    fwd_calls = [r["forward"]["n_calls"] for r in ok]
-    bwd_calls = [r["backward"]["n_calls"] if r["backward"] else 0 for r in ok]
-    width = 0.38
-    xs = range(len(ok))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok) + 4), 4.8))
-    ax1.bar([x - width / 2 for x in xs], fwd_ms, width, label="forward (time to tol)")
-    ax1.bar([x + width / 2 for x in xs], train_ms, width, label="training step")
-    ax1.set_ylabel("median time (ms)")
-    ax1.set_title("Time")
-    ax2.bar([x - width / 2 for x in xs], fwd_calls, width, label="forward calls of f")
-    ax2.bar([x + width / 2 for x in xs], bwd_calls, width, label="backward calls (adjoint)")
-    ax2.set_ylabel("calls on the batch")
-    ax2.set_title("Function evaluations")
-    for ax in (ax1, ax2):
-        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.legend(fontsize=8)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "time_nfe.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_plot_time_nfe(ok, out, plt))
+    matrix = _plot_matrix(records, out, plt)
+    if matrix is not None:
+        paths.append(matrix)
     return paths
+
+
+def _plot_time_nfe(ok: list[dict], out: Path, plt) -> Path:
+    """Small multiples: one row per workload; times on a log axis (left), calls of f (right),
+    one horizontal bar pair per solver × backward. A backward without an adjoint solve
+    (phantom, jfb, unrolled) has no backward-calls bar, and says so."""
+    by_workload: dict[str, list[dict]] = defaultdict(list)
+    for r in ok:
+        by_workload[r["combination"]["workload"]].append(r)
+    heights = [max(2, len(rs)) for rs in by_workload.values()]
+    fig, axes = plt.subplots(len(by_workload), 2, squeeze=False,
+                             figsize=(11, 0.34 * sum(heights) + 1.1 * len(heights) + 0.6),
+                             gridspec_kw={"height_ratios": heights})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (workload, rs) in enumerate(sorted(by_workload.items())):
+        ax_t, ax_n = axes[row]
+        labels = [f"{_label(r['combination'], 'solver')} · "
+                  f"{_label(r['combination'], 'backward')}" for r in rs]
+        ys = list(range(len(rs)))
+        h = 0.38
+        ax_t.barh([y - h / 2 for y in ys], [r["forward"]["time_s"] * 1e3 for r in rs], h,
+                  color=colors[0], label="forward solve (to tol)")
+        ax_t.barh([y + h / 2 for y in ys], [r["train_step_time_s"] * 1e3 for r in rs], h,
+                  color=colors[1], label="training step (forward + backward)")
+        ax_t.set_xscale("log")
+        low = min(min(r["forward"]["time_s"], r["train_step_time_s"]) for r in rs) * 1e3
+        ax_t.set_xlim(left=low / 3)
+        ax_n.barh([y - h / 2 for y in ys], [r["forward"]["n_calls"] for r in rs], h,
+                  color=colors[0], label="forward solve (to tol)")
+        labelled = False
+        for y, r in zip(ys, rs):
+            if r["backward"]:
+                ax_n.barh(y + h / 2, r["backward"]["n_calls"], h, color=colors[2],
+                          label=None if labelled else "adjoint solve (backward)")
+                labelled = True
+            else:
+                ax_n.text(0.5, y + h / 2, "no adjoint solve", va="center", fontsize=8,
+                          color="dimgrey")
+        for ax in (ax_t, ax_n):
+            ax.set_yticks(ys)
+            ax.set_yticklabels(labels if ax is ax_t else [""] * len(ys), fontsize=9)
+            ax.invert_yaxis()
+            ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax_t.set_ylabel(workload, fontsize=10, fontweight="bold")
+        if row == len(by_workload) - 1:
+            ax_t.set_xlabel("ms")
+            ax_n.set_xlabel("calls")
+        if row == 0:
+            ax_t.set_title("median time (ms, log scale)", fontsize=10)
+            ax_n.set_title("calls of f on the batch", fontsize=10)
+            handles, names = [], []
+            for ax in (ax_t, ax_n):
+                for handle, name in zip(*ax.get_legend_handles_labels()):
+                    if name not in names:
+                        handles.append(handle)
+                        names.append(name)
+            fig.legend(handles, names, loc="upper center", ncol=4, fontsize=9,
+                       frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path = out / "time_nfe.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_matrix(records: list[dict], out: Path, plt) -> Optional[Path]:
+    """The solver × workload matrix as a heat map of forward time to tolerance (ms, log
+    colour scale), for the most common backward; a cell that failed or did not converge says
+    so instead of a time."""
+    import matplotlib.colors as mcolors
+
+    if not records:
+        return None
+    backwards = [r["combination"]["backward"] for r in records]
+    backward = max(set(backwards), key=backwards.count)
+    chosen = {}
+    for r in records:
+        c = r["combination"]
+        if c["backward"] == backward:
+            chosen.setdefault((_label(c, "solver"), c["workload"]), r)
+    solvers = sorted({k[0] for k in chosen})
+    workloads = sorted({k[1] for k in chosen})
+    if len(solvers) < 1 or len(workloads) < 1:
+        return None
+    grid = [[float("nan")] * len(workloads) for _ in solvers]
+    notes = [[""] * len(workloads) for _ in solvers]
+    for (solver, workload), r in chosen.items():
+        i, j = solvers.index(solver), workloads.index(workload)
+        if r.get("error"):
+            notes[i][j] = "error"
+            continue
+        f = r["forward"]
+        grid[i][j] = f["time_s"] * 1e3
+        notes[i][j] = f"{f['time_s'] * 1e3:.3g} ms\n{f['n_calls']} calls"
+        if f["status"] != "converged":
+            n = sum(f["status_counts"].values())
+            notes[i][j] += f"\n{f['status_counts']['converged']}/{n} conv"
+    values = [v for row in grid for v in row if v == v]
+    fig, ax = plt.subplots(figsize=(1.9 * len(workloads) + 2.6, 0.62 * len(solvers) + 1.6))
+    cmap = plt.get_cmap("viridis_r").copy()
+    cmap.set_bad("lightgrey")
+    norm = (mcolors.LogNorm(vmin=min(values), vmax=max(values))
+            if values and min(values) > 0 and max(values) > min(values) else None)
+    import numpy as np
+
+    image = ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, norm=norm,
+                      aspect="auto")
+    for i in range(len(solvers)):
+        for j in range(len(workloads)):
+            dark = grid[i][j] == grid[i][j] and norm is not None and norm(grid[i][j]) > 0.6
+            ax.text(j, i, notes[i][j] or "—", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, fontsize=9, rotation=20, ha="right")
+    ax.set_yticks(range(len(solvers)))
+    ax.set_yticklabels(solvers, fontsize=9)
+    ax.set_title(f"forward time to tolerance, backward {backward} (grey: no run or error)",
+                 fontsize=10)
+    fig.colorbar(image, ax=ax, label="ms (log scale)")
+    fig.tight_layout()
+    path = out / "matrix.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

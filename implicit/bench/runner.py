@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,6 +76,34 @@ def machine_info(device: str) -> dict[str, Any]:
         info["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
     return info
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_warning(load: Optional[float]) -> Optional[str]:
+    """A warning when the machine runs more than it has cores: timings then measure the
+    contention (two CPU-bound processes slow code of many small operations 10–400× here)."""
+    cores = os.cpu_count() or 1
+    if load is None or load <= cores:
+        return None
+    return (f"the machine is busy (1-minute load average {load:.2f} on {cores} CPUs): times "
+            "and ratios of this run measure the contention, not the solvers")
+
+
+def _progress_line(i: int, total: int, combo: Combination, record: dict,
+                   elapsed: float) -> str:
+    if record.get("error"):
+        return f"[{i}/{total}] {combo.key}: error: {record['error']}  ({elapsed:.0f} s)"
+    f = record["forward"]
+    return (f"[{i}/{total}] {combo.key}: {f['status']}, {f['n_calls']} calls, forward "
+            f"{1e3 * f['time_s']:.2f} ms, train step {1e3 * record['train_step_time_s']:.2f} ms"
+            f"  ({elapsed:.0f} s)")
 
 
 def _run_isolated(combo: Combination) -> dict[str, Any]:
@@ -152,22 +181,38 @@ def run_bench(
         comparer = make_comparer(config.compare, console)
 
     records = []
+    load_before = load_average()
+    busy = _busy_warning(load_before)
+    if busy:
+        console.print(f"[yellow]warning: {busy}[/yellow]")
+    # a live bar on a terminal; piped or logged (CI), one line per finished combination
+    live = console.is_terminal
+    started = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=False,
+        TimeElapsedColumn(), console=console, transient=False, disable=not live,
     ) as progress:
         task = progress.add_task("bench", total=len(combos))
-        for combo in combos:
+        for i, combo in enumerate(combos, 1):
             progress.update(task, description=combo.key)
             record = _run_isolated(combo) if config.isolated else measure(combo, registry)
             if comparer is not None and not record.get("error"):
                 record["compare"] = comparer(combo, record, registry)
             records.append(record)
             progress.advance(task)
+            if not live:
+                print(_progress_line(i, len(combos), combo, record,
+                                     time.perf_counter() - started), flush=True)
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(config.device)
+    load_after = load_average()
+    machine["load_average_1min"] = load_before
+    machine["load_average_1min_after"] = load_after
+    busy = busy or _busy_warning(load_after)
+    if busy:
+        machine["warning"] = busy
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in attrs.asdict(config).items()}
     config_dict["argv"] = sys.argv
     files = [out / "results.json"]
@@ -182,4 +227,6 @@ def run_bench(
     failed = [r for r in records if r.get("error")]
     if failed:
         console.print(f"[red]{len(failed)} combination(s) failed; see 'error' in results.json")
+    if busy:
+        console.print(f"[yellow]warning: {busy}[/yellow]")
     return {"machine": machine, "config": config_dict, "records": records, "files": files}

@@ -32,13 +32,33 @@ class ContractsPlugin:
             if argument in metafunc.fixturenames:
                 if cases is None:
                     cases = matrix(self.registry, self.only)
-                metafunc.parametrize(argument, cases[kind], ids=[str(c) for c in cases[kind]])
+                found = cases[kind]
+                if not found:  # say why instead of pytest's bare "empty parameter set"
+                    where = ", ".join(self.only) if self.only else "the installed plugins"
+                    found = [pytest.param(None, marks=pytest.mark.skip(
+                        reason=f"no {kind.replace('_', ' ')} case for {where}: "
+                               f"{EMPTY_REASONS[kind]}"))]
+                    metafunc.parametrize(argument, found, ids=["none"])
+                    continue
+                metafunc.parametrize(argument, found, ids=[str(c) for c in found])
 
 
 #: the suite's case arguments, by :func:`matrix` kind
 CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
                   for kind in ("solver", "fault", "batch_rows", "efficacy", "gradient",
                                "adjoint", "leak")}
+
+
+#: why a contract has no case, by kind (see :func:`~implicit.testing.checks.matrix`)
+EMPTY_REASONS = {
+    "solver": "it needs a solver (not linear_only) and a cell with an example strategy",
+    "fault": "it needs a solver (not linear_only) and a cell with an example strategy",
+    "batch_rows": "it needs a solver and a batch_independent cell",
+    "efficacy": "no selected solver declares a Guarantee (SolverSpec.guarantees)",
+    "gradient": "it needs a backward, an unrollable solver and a cell",
+    "adjoint": "no selected backward takes an adjoint solver (capability adjoint_solver)",
+    "leak": "it needs a backward, an unrollable solver and a cell",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -22,6 +22,8 @@ import torch
 import implicit
 from implicit.validators import positive_int
 
+from .rows import dots
+
 
 @attrs.frozen(eq=False)
 class GMRESResult:
@@ -70,11 +72,17 @@ def batched_gmres(
         for k in range(m):
             w = matvec(V[:, k])
             matvecs += 1
-            # modified Gram–Schmidt, per sample
-            for i in range(k + 1):
-                h = (w * V[:, i]).sum(dim=1)
-                H[:, i, k] = h
-                w = w - h[:, None] * V[:, i]
+            # classical Gram–Schmidt twice (CGS2: as accurate as modified Gram–Schmidt,
+            # Giraud et al. 2005), per sample: each pass is two batched products with the basis
+            # so far, where modified Gram–Schmidt takes 2(k + 1) passes over the state. On a
+            # shared CPU every pass of that size waits at an OpenMP barrier for a descheduled
+            # thread (benchmarks/contention.py)
+            basis = V[:, :k + 1]
+            h = dots(w, basis)
+            w = w - torch.bmm(h.unsqueeze(1), basis).squeeze(1)
+            h_again = dots(w, basis)
+            w = w - torch.bmm(h_again.unsqueeze(1), basis).squeeze(1)
+            H[:, :k + 1, k] = h + h_again
             h_next = torch.linalg.vector_norm(w, dim=1)
             H[:, k + 1, k] = h_next
             V[:, k + 1] = w / h_next.clamp_min(tiny)[:, None]

@@ -1,0 +1,197 @@
+"""The figures of the README and the docs, generated from the committed benchmark JSON.
+
+A page marks each generated region::
+
+    <!-- figures: training-parity -->
+    ...generated text...
+    <!-- /figures -->
+
+``python benchmarks/figures.py`` rewrites every region of ``README.md`` and ``docs/**/*.md``
+from ``benchmarks/results/``; ``--check`` only compares and exits 1 naming the regions that
+disagree (``tests/test_figures.py`` runs it, so a hand-edited figure or a re-run benchmark
+whose text was not regenerated fails the suite). Unknown region names are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+REGION = re.compile(r"(<!-- figures: ([\w-]+) -->\n)(.*?)(<!-- /figures -->)", re.S)
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name / "results.json").read_text())
+
+
+def _parity_module():
+    spec = importlib.util.spec_from_file_location("training_parity",
+                                                  ROOT / "benchmarks" / "training_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_parity() -> str:
+    data = _load("cpu-training-parity")
+    parity = _parity_module()
+    summary = data["summary"]
+    ours, ref = summary["implicit"], summary["tutorial"]
+    ratios = [a / b for a, b in zip(ours["train_seconds"], ref["train_seconds"])]
+    schedule = data["runs"][0].get("schedule", "paired processes")
+    return (parity.markdown(summary) + "\n\n"
+            f"MNIST-1D, 30 epochs, seeds {ours['seeds']}, one thread, schedule: {schedule}; "
+            f"time ratio implicit ÷ tutorial {statistics.fmean(ratios):.2f}. Command: "
+            f"`{data['command']}`.\n")
+
+
+def training_parity_digits() -> str:
+    """Accuracy only: these runs did not share the cores alike, so their times compare
+    nothing (the JSON keeps them)."""
+    data = _load("cpu-training-parity-digits")
+    table = _parity_module().markdown(data["summary"])
+    rows = ["|".join(line.split("|")[:4]) + "|" for line in table.splitlines()]
+    return "\n".join(rows) + f"\n\nCommand: `{data['command']}`.\n"
+
+
+def problems() -> str:
+    data = _load("cpu-problems")
+    lines = ["| family | ours | solved | scipy | solved |", "|---|---|---|---|---|"]
+    for family, sides in data["summary"].items():
+        ours = [(k, v) for k, v in sides.items() if k.startswith("implicit:")]
+        theirs = [(k, v) for k, v in sides.items() if k.startswith("scipy:")]
+        for i, (name, s) in enumerate(ours):
+            other = theirs[0] if i == 0 and theirs else None
+            lines.append(
+                f"| {family if i == 0 else ''} | `{name.split(':', 1)[1]}` | "
+                f"{s['solved']}/{s['of']} ({s['false_convergences']} false) | "
+                + (f"`{other[0].split(':', 1)[1]}` | {other[1]['solved']}/{other[1]['of']} "
+                   f"({other[1]['false_convergences']} false) |" if other else " | |"))
+    argv = " ".join(data["config"]["argv"][1:])
+    return "\n".join(lines) + f"\n\nCommand: `implicit {argv}`.\n"
+
+
+def _bench_rows(records: list[dict], *, compiled_columns: bool = False) -> list[str]:
+    from implicit.bench.measure import plugin_label
+    from implicit.bench.report import payback_steps
+
+    header = "| solver | workload | backward | fwd calls | fwd ms | floor × | train step ms |"
+    rule = "|---|---|---|---|---|---|---|"
+    if compiled_columns:
+        header += " compile s | paid back after |"
+        rule += "---|---|"
+    rows = [header, rule]
+    for r in records:
+        c = r["combination"]
+        if r.get("error"):
+            rows.append(f"| {plugin_label(c['solver'], c['solver_options'])} | {c['workload']} "
+                        f"| {c['backward']} | error | | | |")
+            continue
+        row = (f"| `{plugin_label(c['solver'], c['solver_options'])}` | {c['workload']} | "
+               f"{plugin_label(c['backward'], c['backward_options'])} | "
+               f"{r['forward']['n_calls']} | {1e3 * r['forward']['time_s']:.2f} | "
+               f"{r['floor_ratio']:.2f} | {1e3 * r['train_step_time_s']:.2f} |")
+        if compiled_columns:
+            steps = payback_steps(r, records)
+            row += (" — | — |" if r.get("compile_s") is None else
+                    f" {r['compile_s']:.1f} | {'never' if steps is None else f'{steps} steps'} |")
+        rows.append(row)
+    return rows
+
+
+def _bench_note(data: dict) -> str:
+    m = data["machine"]
+    load = m.get("load_average_1min")
+    busy = f", 1-min load average {load:.2f}" if load is not None else ""
+    argv = " ".join(data["config"]["argv"][1:])
+    return (f"{m['processor']}, {m['cpu_count']} CPUs{busy}, torch {m['torch']}. "
+            f"Command: `implicit {argv}`.")
+
+
+def bench_quick() -> str:
+    data = _load("cpu-quick")
+    return "\n".join(_bench_rows(data["records"])) + "\n\n" + _bench_note(data) + "\n"
+
+
+def compiled() -> str:
+    data = _load("cpu-compiled")
+    return ("\n".join(_bench_rows(data["records"], compiled_columns=True)) + "\n\n"
+            + _bench_note(data) + "\n")
+
+
+def contention() -> str:
+    lines = ["| solver | version | idle ms | with one CPU-bound process | slowdown |",
+             "|---|---|---|---|---|"]
+    commands = []
+    for version in ("before", "after"):
+        path = RESULTS / "cpu-contention" / version / "results.json"
+        data = json.loads(path.read_text())
+        commands.append(f"{version}: `{data['command']}`")
+        for row in data["rows"]:
+            loaded = row["loaded"]
+            shown = (f"> {data.get('limit_s', 60):.0f} s (stopped)" if loaded["timed_out"]
+                     else f"{1e3 * loaded['median_s']:.1f} ms")
+            ratio = "—" if row["ratio"] is None else f"×{row['ratio']:.1f}"
+            lines.append(f"| `{row['solver']}` | {version} | {1e3 * row['idle']['median_s']:.1f} "
+                         f"| {shown} | {ratio} |")
+    return "\n".join(lines) + "\n\n" + "; ".join(commands) + ".\n"
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "training-parity": training_parity,
+    "training-parity-digits": training_parity_digits,
+    "problems": problems,
+    "bench-quick": bench_quick,
+    "compiled": compiled,
+    "contention": contention,
+}
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").rglob("*.md")
+                                         if "_build" not in p.parts)
+
+
+def render(text: str, where: str) -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in GENERATORS:
+            raise SystemExit(f"{where}: unknown figures region {name!r}; known: "
+                             f"{sorted(GENERATORS)}")
+        return match.group(1) + GENERATORS[name]() + match.group(4)
+
+    return REGION.sub(replace, text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="compare only; exit 1 naming the pages whose figures disagree")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = render(text, str(page.relative_to(ROOT)))
+        if new != text:
+            stale.append(str(page.relative_to(ROOT)))
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print("figures disagree with benchmarks/results/ in: " + ", ".join(stale)
+              + " (run python benchmarks/figures.py)", file=sys.stderr)
+        return 1
+    if not args.check:
+        print("rewrote: " + (", ".join(stale) or "nothing"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
