@@ -124,13 +124,13 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
     if not type(solver).static:
         raise TypeError(f"solver {solver.name!r} has no fixed-shape step; compile=True works "
                         "with solvers that set static = True (forward, anderson)")
+    from .solver import Evaluator
+
     z = z0
-    fz = fn(z)
+    # the first call eagerly, through the loop's own checks: f's shape, and that f does not
+    # write into its iterate (in the compiled blocks such a write would be traced silently)
+    fz = Evaluator(fn, budget=1)(z)
     calls = 1
-    if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
-        shape = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
-        raise ValueError(f"f returned shape {shape} for an iterate of shape {tuple(z.shape)}; "
-                         "f must map a state to a state of the same shape")
     g = fz - z
     abs_res, rel_res, scale = _norms(g, fz)
     metric = abs_res if solver.stop == "abs" else rel_res

@@ -115,3 +115,13 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(grads[True][1], grads[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_map_writing_into_its_iterate_is_refused_before_compiling():
+    def bad(z):
+        z.mul_(0.5)
+        return z + 1
+
+    solver = implicit.make_solver("forward", compile="eager", block=2)
+    with pytest.raises(ValueError, match="f wrote in place into the iterate"):
+        implicit.iterate(solver, bad, torch.zeros(3, 2))
