@@ -34,6 +34,7 @@ row compaction, no trace.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable
 
 import torch
@@ -111,9 +112,20 @@ def _steps(solver, steps: int, fn: Callable, c: dict, state: Any) -> tuple[dict,
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def compiled_block(solver, steps: int) -> Callable:
     """The compiled ``block(fn, carry, state) -> (carry, state)`` of ``steps`` loop steps for
-    ``solver`` (cached by its options, the backend among them, and ``steps``)."""
+    ``solver`` (cached by its options, the backend among them, and ``steps``).
+
+    Dynamo keeps the graphs it compiles per *code object*, at most ``recompile_limit`` (8) of
+    them, and then runs the function eagerly for good. Every solver's block would share one
+    code object — a DEQ's forward, adjoint and eval solvers, each under its grad modes and
+    batch sizes, exhausted it in a measured run — so each block gets a code object of its own
+    (the same code, renamed)."""
+    def block(fn, c, state):
+        return _steps(solver, steps, fn, c, state)
+
+    code = block.__code__.replace(co_name=f"implicit_block_{solver.name}_{steps}")
+    block = types.FunctionType(code, block.__globals__, code.co_name, None, block.__closure__)
     backend = "inductor" if solver.compile is True else solver.compile
-    return torch.compile(functools.partial(_steps, solver, steps), backend=backend)
+    return torch.compile(block, backend=backend)
 
 
 def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -140,14 +152,16 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
     factor = float(solver.divergence_factor)
     start_abs = torch.where(finite, abs_res, inf)
     start_size = torch.where(finite, torch.maximum(scale, abs_res), inf)
+    # no two entries of the carry may be one tensor: dynamo guards on such aliasing, and the
+    # first block would compile a graph of its own
     c = {
-        "z": z, "fz": fz, "g": g, "best_z": z, "best_abs": abs_res, "best_rel": rel_res,
+        "z": z, "fz": fz, "g": g, "best_z": z.clone(), "best_abs": abs_res, "best_rel": rel_res,
         "scale": scale, "nfe": torch.ones(z.shape[0], dtype=torch.int64, device=z.device),
         "converged": finite & met, "nonfinite": ~finite,
         "diverged": torch.zeros_like(finite), "imprecise": finite & imprecise,
         "held": ~finite, "active": finite & ~met,
         "limit": factor * start_abs if factor > 0 else inf,
-        "size_limit": factor * start_size if factor > 0 else inf,
+        "size_limit": factor * start_size if factor > 0 else inf.clone(),
     }
     state = solver.static_init(z, fz, g)
     block = compiled_block(solver, int(solver.block))

@@ -75,6 +75,45 @@ def anderson_weights(
     return alpha, failed
 
 
+def _spd_solve_ones(system: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w = system⁻¹ 1`` for a batch of small symmetric positive definite ``(B, k, k)``
+    systems by a Cholesky factorisation written out entry by entry, and a ``(B,)`` mask of
+    the systems that are positive definite. Straight-line tensor code for the compiled path:
+    inductor fuses it into a kernel or two, where LAPACK's ``cholesky_ex`` and
+    ``cholesky_solve`` are two library calls per step that cost more than their arithmetic at
+    k ≤ 8 (measured on tanh d=256, batch 64). Eagerly it is many tiny operations: the eager
+    ``step`` keeps LAPACK."""
+    k = system.shape[-1]
+    tiny = torch.finfo(system.dtype).tiny
+    L: list[list] = [[None] * k for _ in range(k)]
+    ok = torch.ones(system.shape[0], dtype=torch.bool, device=system.device)
+    for j in range(k):
+        pivot = system[:, j, j]
+        for p in range(j):
+            pivot = pivot - L[j][p] * L[j][p]
+        ok = ok & (pivot > 0)
+        d = torch.sqrt(torch.clamp(pivot, min=tiny))
+        L[j][j] = d
+        for i in range(j + 1, k):
+            entry = system[:, i, j]
+            for p in range(j):
+                entry = entry - L[i][p] * L[j][p]
+            L[i][j] = entry / d
+    y: list = []
+    for i in range(k):  # L y = 1
+        t = torch.ones_like(L[i][i])
+        for p in range(i):
+            t = t - L[i][p] * y[p]
+        y.append(t / L[i][i])
+    w: list = [None] * k
+    for i in reversed(range(k)):  # Lᵀ w = y
+        t = y[i]
+        for p in range(i + 1, k):
+            t = t - L[p][i] * w[p]
+        w[i] = t / L[i][i]
+    return torch.stack(w, dim=-1), ok
+
+
 @attrs.define
 class AndersonState:
     # mixing targets x_i + β g_i: m slots of (B, n) tensors kept by reference (None until
@@ -215,11 +254,10 @@ class Anderson(implicit.Solver):
         trace = diagonal.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
         ridge = torch.where(filled, trace * (float(self.lam) / k), torch.ones_like(diagonal))
         system = system + torch.diag_embed(ridge)
-        factor, info = torch.linalg.cholesky_ex(system)
-        w = torch.cholesky_solve(torch.ones_like(row).unsqueeze(-1), factor).squeeze(-1)
+        w, ok = _spd_solve_ones(system)
         w = torch.where(filled, w, torch.zeros_like(w))
         alpha = w / w.sum(dim=-1, keepdim=True)
-        failed = (info != 0) | ~torch.isfinite(alpha.sum(dim=-1))
+        failed = ~ok | ~torch.isfinite(alpha.sum(dim=-1))
         newest = torch.zeros_like(alpha)
         newest[:, -1] = 1
         alpha = torch.where(failed[:, None], newest, alpha)
