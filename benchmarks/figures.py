@@ -131,8 +131,8 @@ def contention() -> str:
     lines = ["| solver | version | idle ms | with one CPU-bound process | slowdown |",
              "|---|---|---|---|---|"]
     commands = []
-    for version in ("before", "after"):
-        path = RESULTS / "cpu-contention" / version / "results.json"
+    for path in sorted((RESULTS / "cpu-contention").glob("*/results.json")):
+        version = path.parent.name
         data = json.loads(path.read_text())
         commands.append(f"{version}: `{data['command']}`")
         for row in data["rows"]:

@@ -65,7 +65,7 @@ REQUIRED: Any = _Required()
 
 @attrs.frozen(kw_only=True)
 class OptionSpec:
-    """One option of a plugin: name, default (:data:`REQUIRED` when none), type, doc."""
+    """One option of a plugin: name, default (:data:`~implicit.specs.REQUIRED` when none), type, doc."""
 
     name: str
     default: Any = REQUIRED
@@ -191,7 +191,7 @@ class PluginSpec:
     Attributes:
         name: the name users pass to ``make_*`` / ``DEQ`` (lower_snake_case, unique per kind).
         factory: builds the thing from keyword options.
-        capabilities: what it can do (see :data:`KNOWN_CAPABILITIES`).
+        capabilities: what it can do (see :data:`~implicit.specs.KNOWN_CAPABILITIES`).
         requires: capabilities it needs of its partner (a backward of the solver, a solver of
             the cell); combinations that lack them are not built by the test matrix or bench.
         devices: where it runs.
@@ -250,7 +250,7 @@ class PluginSpec:
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-#: the problem classes an efficacy :class:`Guarantee` can be stated on
+#: the problem classes an efficacy :class:`~implicit.specs.Guarantee` can be stated on
 GUARANTEE_PROBLEMS: Mapping[str, str] = {
     "linear": "f(z) = A z + b per sample, float64, ‖A‖₂ = L < 1 (so I − A is nonsingular, "
               "condition number ≤ (1 + L)/(1 − L)), state dimension n ≤ 6",
@@ -282,7 +282,7 @@ def _check_problem(instance, attribute, value):
 class Guarantee:
     """An efficacy claim: a theorem about the solver that the contract suite checks.
 
-    On every problem of the class ``problem`` (see :data:`GUARANTEE_PROBLEMS`), built with the
+    On every problem of the class ``problem`` (see :data:`~implicit.specs.GUARANTEE_PROBLEMS`), built with the
     options ``options(instance, drawn)`` (the drawn ones, changed where the theorem's hypotheses
     need it, e.g. Anderson's ``m ≥ n + 1``), a solve with ``stop="abs"`` and tolerance ``instance.tol``
     converges every sample within ``calls(solver, instance)`` calls of f. ``calls`` returns
@@ -317,7 +317,7 @@ def _check_guarantees(instance, attribute, value):
 class SolverSpec(PluginSpec):
     """A fixed-point solver; the factory returns an :class:`implicit.Solver`.
 
-    ``guarantees`` names the theorems the solver claims (:class:`Guarantee`); each one gets an
+    ``guarantees`` names the theorems the solver claims (:class:`~implicit.specs.Guarantee`); each one gets an
     efficacy contract. A solver that claims none is told so by ``implicit verify --report``:
     its contracts then certify honesty (truthful records, budgets), not that it ever converges.
     """
@@ -382,7 +382,7 @@ class CellSpec(PluginSpec):
     """A cell family; the factory returns an ``nn.Module`` cell.
 
     ``strategy(dtype)`` returns a Hypothesis strategy drawing a contractive
-    :class:`CellExample` of this family in that dtype (imported lazily: Hypothesis is a test
+    :class:`~implicit.specs.CellExample` of this family in that dtype (imported lazily: Hypothesis is a test
     dependency, not a runtime one). ``workloads`` are the family's standard benchmark problems.
     """
 
