@@ -53,10 +53,10 @@ def training_parity() -> str:
             f"`{data['command']}`.\n")
 
 
-def training_parity_digits() -> str:
+def training_parity_digits(name: str = "cpu-training-parity-digits") -> str:
     """Accuracy only: these runs did not share the cores alike, so their times compare
     nothing (the JSON keeps them)."""
-    data = _load("cpu-training-parity-digits")
+    data = _load(name)
     table = _parity_module().markdown(data["summary"])
     rows = ["|".join(line.split("|")[:4]) + "|" for line in table.splitlines()]
     return "\n".join(rows) + f"\n\nCommand: `{data['command']}`.\n"
@@ -148,6 +148,8 @@ def contention() -> str:
 GENERATORS: dict[str, Callable[[], str]] = {
     "training-parity": training_parity,
     "training-parity-digits": training_parity_digits,
+    "training-parity-digits-recheck": lambda: training_parity_digits(
+        "cpu-training-parity-digits-recheck"),
     "problems": problems,
     "bench-quick": bench_quick,
     "compiled": compiled,
