@@ -46,6 +46,8 @@ def _parts(state: Any) -> list[torch.Tensor]:
 #: generation (minutes per drawn set of options on CPU); CI also compiles with inductor
 #: (tests/test_compiled.py)
 COMPILE_BACKEND = "aot_eager"
+#: examples per compiled case (each compiles its blocks)
+COMPILED_EXAMPLES = 3
 
 @attrs.frozen(kw_only=True)
 class Case:
@@ -143,11 +145,12 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
     solver_cases = [Case(registry=registry, solver=s.name, cell=c.name)
                     for s in solvers for c in cells
                     if s.spec.requires <= c.spec.capabilities and wanted(s, c)]
-    # solvers with a compiled path: the solver contract over it too, on the cheap cells
-    solver_cases += [Case(registry=registry, solver=s.name, cell=c.name, compiled=True)
-                     for s in solvers if getattr(s.spec.factory, "static", False)
-                     for c in cells if c.spec.contract_cost == "cheap"
-                     and s.spec.requires <= c.spec.capabilities and wanted(s, c)]
+    # solvers with a compiled path: the solver contract over it too, on the cheap cells (each
+    # drawn set of options compiles anew, seconds apiece: few examples, see COMPILED_EXAMPLES)
+    compiled_cases = [Case(registry=registry, solver=s.name, cell=c.name, compiled=True)
+                      for s in solvers if getattr(s.spec.factory, "static", False)
+                      for c in cells if c.spec.contract_cost == "cheap"
+                      and s.spec.requires <= c.spec.capabilities and wanted(s, c)]
     independent = {c.name for c in cells if "batch_independent" in c.spec.capabilities}
     efficacy_cases = []
     for s in all_solvers:
@@ -188,7 +191,7 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
                     and s.spec.requires <= c.spec.capabilities
                 ]
     return {
-        "solver": solver_cases,
+        "solver": solver_cases + compiled_cases,
         "fault": solver_cases,
         "batch_rows": [c for c in solver_cases if c.cell in independent],
         "efficacy": efficacy_cases,

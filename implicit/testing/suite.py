@@ -93,7 +93,8 @@ def test_solver_contract(contract_solver_case):
                                      max_iter=max_iter, options=case.options(data.draw),
                                      tally=tally)
 
-    _run(case, "solver", MAX_EXAMPLES, body, required=["truthful_record", "stops_when_done"])
+    examples = min(MAX_EXAMPLES, checks.COMPILED_EXAMPLES) if case.compiled else MAX_EXAMPLES
+    _run(case, "solver", examples, body, required=["truthful_record", "stops_when_done"])
 
 
 def test_fault_mid_solve(contract_fault_case):

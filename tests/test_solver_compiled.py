@@ -1,5 +1,8 @@
 """The compiled solve path (``compile=...``): same records as the eager loop, fixed budget,
-no recompiles per batch, clear refusals; one real inductor compile of a DEQ training step."""
+no recompiles per batch, clear refusals; one real inductor compile of a DEQ training step.
+
+(Named to run after ``tests/test_contracts.py``: once dynamo and inductor are loaded in the
+process, the leak contract's scans of every live object take minutes.)"""
 
 from __future__ import annotations
 
