@@ -160,8 +160,8 @@ def verify(only=(), *, registry=None, max_examples=None, extra_args=(), report=N
         return 2
     print("implicit verify: contract cases: " + ", ".join(
         f"{len(found)} {kind.replace('_', ' ')}" for kind, found in cases.items()))
-    # -rs: each skipped contract is listed with its reason (see testing.plugin.EMPTY_REASONS)
-    argv = [suite.__file__, "-q", "-rs", "-p", "no:cacheprovider", "-o", "addopts=",
+    # -rfEs: failures, errors and each skipped contract with its reason in the summary
+    argv = [suite.__file__, "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=",
             "-W", "ignore::implicit.ConvergenceWarning", *extra_args]
     if report is None:
         return int(pytest.main(argv, plugins=[plugin]))
