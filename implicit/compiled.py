@@ -40,16 +40,11 @@ from typing import Any, Callable
 import torch
 
 from .solution import Solution, Status, apply_policy
+from .solver import _norms  # the eager loop's residual norms, shared
 from .state import StateSpec
 
 #: compiled block functions kept (one per solver options × block length)
 CACHE_SIZE = 16
-
-
-def _norms(g: torch.Tensor, fz: torch.Tensor):
-    abs_res = torch.linalg.vector_norm(g, dim=1)
-    scale = torch.linalg.vector_norm(fz, dim=1)
-    return abs_res, abs_res / scale.clamp_min(torch.finfo(scale.dtype).tiny), scale
 
 
 def _meets(solver, metric: torch.Tensor, scale: torch.Tensor):
