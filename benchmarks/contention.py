@@ -10,8 +10,15 @@ thread count; forward iteration kept its speed. This measures every solver the s
 
 The load is a separate Python process multiplying 512×512 matrices in a loop with torch's
 default thread count (a training job next door), started after the idle timings and killed
-after the loaded ones (and in any case after ``--load-seconds``). Each timed solve is bounded
-by ``--limit`` seconds (SIGALRM): a solve that takes longer is reported as "> limit".
+after the loaded ones (and in any case after ``--load-seconds``). ``--rounds`` alternates idle
+and loaded phases (the machine's own load drifts; medians are over all rounds). Each timed
+solve is bounded by ``--limit`` seconds (SIGALRM): a solve that takes longer is reported as
+"> limit".
+
+How much a solve slows with the load depends on the machine as much as on the solver — on the
+2-core machine of issue 21 forward iteration, which is cell calls only, measured 2× to 7× from
+run to run — so beside each slowdown the script prints it relative to forward iteration's in
+the same rounds: 1 means "slows like a solve of cell calls".
 """
 
 from __future__ import annotations
@@ -81,12 +88,24 @@ def time_solve(layer, x, repeat: int, limit: float) -> dict:
             "njvp": sol.njvp if sol is not None and not timed_out else None}
 
 
+def merge(runs: list[dict]) -> dict:
+    """One phase's timings over all rounds: the median of every timed solve."""
+    times = [t for run in runs for t in run["times_s"]]
+    timed_out = any(run["timed_out"] for run in runs)
+    last = runs[-1]
+    return {"median_s": statistics.median(times) if times and not timed_out else None,
+            "times_s": times, "timed_out": timed_out, "n_calls": last["n_calls"],
+            "njvp": last["njvp"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", default="resnet")
     parser.add_argument("--workload", default="resnet_c48_s16")
     parser.add_argument("--solvers", default="forward,anderson,broyden,newton_krylov")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed solves per phase")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="idle/loaded phase pairs, alternated")
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per timed solve")
     parser.add_argument("--load-threads", type=int, default=0,
                         help="threads of the load process (0: torch's default)")
@@ -102,31 +121,44 @@ def main(argv=None) -> int:
             layers[name](x)  # warm up
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
           f"CPUs; {args.workload}")
-    idle = {name: time_solve(layer, x, args.repeat, args.limit) for name, layer in layers.items()}
-    load = subprocess.Popen([sys.executable, "-c", LOAD.format(threads=args.load_threads,
-                                                               seconds=args.load_seconds)])
-    try:
-        time.sleep(2.0)  # let the load start
-        loaded = {name: time_solve(layer, x, args.repeat, args.limit)
-                  for name, layer in layers.items()}
-    finally:
-        load.kill()
-        load.wait()
+    idle: dict = {name: [] for name in layers}
+    loaded: dict = {name: [] for name in layers}
+    for _ in range(args.rounds):
+        for name, layer in layers.items():
+            idle[name].append(time_solve(layer, x, args.repeat, args.limit))
+        load = subprocess.Popen([sys.executable, "-c", LOAD.format(
+            threads=args.load_threads, seconds=args.load_seconds)])
+        try:
+            time.sleep(2.0)  # let the load start
+            for name, layer in layers.items():
+                loaded[name].append(time_solve(layer, x, args.repeat, args.limit))
+        finally:
+            load.kill()
+            load.wait()
+    idle = {name: merge(runs) for name, runs in idle.items()}
+    loaded = {name: merge(runs) for name, runs in loaded.items()}
+    ratios = {name: (loaded[name]["median_s"] / idle[name]["median_s"])
+              if idle[name]["median_s"] and loaded[name]["median_s"] else None
+              for name in layers}
+    reference = ratios.get("forward")
     rows = []
     for name in layers:
-        a, b = idle[name], loaded[name]
-        ratio = (b["median_s"] / a["median_s"]) if a["median_s"] and b["median_s"] else None
+        a, b, ratio = idle[name], loaded[name], ratios[name]
+        relative = ratio / reference if ratio and reference else None
         shown = (f"> {args.limit:.0f} s" if b["timed_out"] else f"{b['median_s'] * 1e3:9.1f} ms")
         print(f"{name:14s} idle {a['median_s'] * 1e3:9.1f} ms   loaded {shown:>12s}   "
               + (f"x{ratio:.2f}" if ratio else "(timed out)")
+              + (f" ({relative:.2f} of forward's)" if relative else "")
               + f"   calls {a['n_calls']}  jvps {a['njvp']}")
-        rows.append({"solver": name, "idle": a, "loaded": b, "ratio": ratio})
+        rows.append({"solver": name, "idle": a, "loaded": b, "ratio": ratio,
+                     "relative_to_forward": relative})
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({
             "command": "python benchmarks/contention.py " + " ".join(argv or sys.argv[1:]),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "workload": args.workload,
+            "cpu_count": os.cpu_count(), "workload": args.workload, "rounds": args.rounds,
+            "repeat": args.repeat, "limit_s": args.limit,
             "load": {"threads": args.load_threads or "default", "kind": "512x512 matmul loop"},
             "rows": rows}, indent=1))
     return 0

@@ -238,15 +238,23 @@ class Anderson(implicit.Solver):
                 "fallbacks": torch.zeros(b, dtype=torch.int64, device=z.device)}
 
     def static_step(self, fn, z, fz, g, state: dict, active: torch.Tensor):
+        """The history is a ring of ``m`` slots written in place (slot ``count mod m``): one
+        row of each history written per step, where shifting the whole window copied both
+        histories every step (two of the largest loops of the compiled step). The mix does
+        not depend on the order of the slots; the unfilled ones are masked out."""
         m = self.m
         target = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
-        G = torch.cat([state["G"][:, 1:], g.unsqueeze(1)], dim=1)
-        Y = torch.cat([state["Y"][:, 1:], target.unsqueeze(1)], dim=1)
-        row = dots(g, G)  # (B, m): <g_i, g>, the newest last
-        top = torch.cat([state["gram"][:, 1:, 1:], row[:, :-1, None]], dim=2)
-        gram = torch.cat([top, row[:, None, :]], dim=1)
-        count = state["count"] + 1
-        filled = torch.arange(m, device=z.device) >= m - torch.clamp(count, max=m)
+        count = state["count"]
+        slot = torch.remainder(count, m).reshape(1)
+        G, Y, gram = state["G"], state["Y"], state["gram"]
+        G.index_copy_(1, slot, g.unsqueeze(1))
+        Y.index_copy_(1, slot, target.unsqueeze(1))
+        row = dots(g, G)  # (B, m): <g_i, g>
+        gram.index_copy_(1, slot, row.unsqueeze(1))
+        gram.index_copy_(2, slot, row.unsqueeze(2))
+        count = count + 1
+        slots = torch.arange(m, device=z.device)
+        filled = slots < torch.clamp(count, max=m)
         both = filled[:, None] & filled[None, :]
         system = torch.where(both, gram, torch.zeros_like(gram))
         diagonal = torch.diagonal(system, dim1=-2, dim2=-1)
@@ -258,8 +266,7 @@ class Anderson(implicit.Solver):
         w = torch.where(filled, w, torch.zeros_like(w))
         alpha = w / w.sum(dim=-1, keepdim=True)
         failed = ~ok | ~torch.isfinite(alpha.sum(dim=-1))
-        newest = torch.zeros_like(alpha)
-        newest[:, -1] = 1
+        newest = (slots == slot).to(alpha.dtype).expand_as(alpha)
         alpha = torch.where(failed[:, None], newest, alpha)
         z_next = torch.bmm(alpha.unsqueeze(1), Y).squeeze(1)
         fz_next = fn(z_next)

@@ -61,10 +61,8 @@ def batched_gmres(
         m = min(restart, max_matvecs - matvecs)
         V = torch.zeros(bsz, m + 1, n, dtype=dtype, device=device)
         H = torch.zeros(bsz, m + 1, m, dtype=dtype, device=device)
-        cs = torch.zeros(bsz, m, dtype=dtype, device=device)
-        sn = torch.zeros(bsz, m, dtype=dtype, device=device)
-        g = torch.zeros(bsz, m + 1, dtype=dtype, device=device)
-        g[:, 0] = beta
+        # Y: each sample's least-squares coefficients, as of the last column it used
+        Y = torch.zeros(bsz, m, dtype=dtype, device=device)
         V[:, 0] = r / beta.clamp_min(tiny)[:, None]
         done = converged | hopeless  # samples that need no more columns in this cycle
         used = torch.zeros(bsz, dtype=torch.long, device=device)
@@ -77,45 +75,36 @@ def batched_gmres(
             # so far, where modified Gram–Schmidt takes 2(k + 1) passes over the state. On a
             # shared CPU every pass of that size waits at an OpenMP barrier for a descheduled
             # thread (benchmarks/contention.py)
+            # (fused: w − h·basis is one baddbmm, the normalisation writes into V directly)
             basis = V[:, :k + 1]
             h = dots(w, basis)
-            w = w - torch.bmm(h.unsqueeze(1), basis).squeeze(1)
+            w = torch.baddbmm(w.unsqueeze(1), h.unsqueeze(1), basis, alpha=-1).squeeze(1)
             h_again = dots(w, basis)
-            w = w - torch.bmm(h_again.unsqueeze(1), basis).squeeze(1)
+            w = torch.baddbmm(w.unsqueeze(1), h_again.unsqueeze(1), basis, alpha=-1).squeeze(1)
             H[:, :k + 1, k] = h + h_again
             h_next = torch.linalg.vector_norm(w, dim=1)
             H[:, k + 1, k] = h_next
-            V[:, k + 1] = w / h_next.clamp_min(tiny)[:, None]
-            # apply the previous rotations to the new column, then make a new one
-            for i in range(k):
-                a, c = H[:, i, k].clone(), H[:, i + 1, k].clone()
-                H[:, i, k] = cs[:, i] * a + sn[:, i] * c
-                H[:, i + 1, k] = -sn[:, i] * a + cs[:, i] * c
-            a, c = H[:, k, k].clone(), H[:, k + 1, k].clone()
-            rho = torch.sqrt(a * a + c * c)
-            safe = rho > tiny
-            cs[:, k] = torch.where(safe, a / rho.clamp_min(tiny), torch.ones_like(a))
-            sn[:, k] = torch.where(safe, c / rho.clamp_min(tiny), torch.zeros_like(c))
-            H[:, k, k] = torch.where(safe, rho, a)
-            H[:, k + 1, k] = 0
-            g[:, k + 1] = -sn[:, k] * g[:, k]
-            g[:, k] = cs[:, k] * g[:, k]
-            residual = g[:, k + 1].abs()
+            torch.div(w, h_next.clamp_min(tiny)[:, None], out=V[:, k + 1])
+            # the small least squares min ‖β e₁ − H y‖ by one batched QR of the
+            # (k + 2) × (k + 1) Hessenberg matrix, redone each column: a handful of operations
+            # per column, where updating Givens rotations takes ~8 tiny ones per earlier column
+            # (k of them) — under CPU contention those tiny operations, not the matvecs, were
+            # most of a Newton–Krylov solve's time (benchmarks/contention.py)
+            Q, R = torch.linalg.qr(H[:, :k + 2, :k + 1], mode="complete")
+            rhs = beta[:, None] * Q[:, 0, :]  # Qᵀ β e₁
+            residual = rhs[:, k + 1].abs()
+            y = torch.linalg.solve_triangular(R[:, :k + 1, :k + 1], rhs[:, :k + 1, None],
+                                              upper=True).squeeze(2)
+            y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+            Y[:, :k + 1] = torch.where(done[:, None], Y[:, :k + 1], y)
             used = torch.where(done, used, used + 1)
             # happy breakdown (h_next = 0) means the Krylov space holds the exact solution
-            done = done | (residual <= target) | (h_next <= tiny * (1 + H[:, k, k].abs())) \
+            done = done | (residual <= target) | (h_next <= tiny * (1 + R[:, k, k].abs())) \
                 | ~torch.isfinite(residual)
             if bool(done.all()):
                 break
         cols = k + 1
-        # per sample: solve the leading used×used triangle, columns beyond it switched off
-        mask = torch.arange(cols, device=device)[None, :] < used[:, None]  # (B, cols)
-        R = H[:, :cols, :cols]
-        eye = torch.eye(cols, dtype=dtype, device=device).expand(bsz, cols, cols)
-        R = torch.where(mask[:, :, None] & mask[:, None, :], R, eye)
-        rhs = torch.where(mask, g[:, :cols], torch.zeros_like(g[:, :cols]))
-        y = torch.linalg.solve_triangular(R, rhs.unsqueeze(2), upper=True).squeeze(2)
-        y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+        y = Y[:, :cols]
         x = x + torch.bmm(y.unsqueeze(1), V[:, :cols]).squeeze(1)
         r = b - matvec(x)
         matvecs += 1

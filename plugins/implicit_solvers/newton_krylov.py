@@ -1,10 +1,9 @@
 """Newton–Krylov for ``g(z) = f(z) − z = 0``: scipy on CPU, Jacobian-free Newton–GMRES in torch.
 
 ``backend="auto"`` picks ``scipy`` for float64 CPU tensors and ``torch`` otherwise: on GPU
-scipy does not apply, and on float32 cells scipy's finite-difference JVPs (step √eps of float32,
-error of the same order) stall Newton above typical tolerances — measured on the MDEQ fixture:
-rel residual 1.5e-3 after 300 calls at tol 1e-4 — while the torch backend's forward-mode JVPs
-are exact.
+scipy does not apply, and on float32 cells scipy's solve stalls above typical tolerances —
+measured on the MDEQ fixture: rel residual 1.5e-3 after 300 calls at tol 1e-4 — where the torch
+backend's Newton–GMRES converges (the ``multiscale_32`` workload: 21 calls at tol 1e-4).
 
 * **scipy** — a real :func:`scipy.optimize.newton_krylov` call *per sample* (a block-diagonal
   batch would couple the samples through its line search, its Krylov space and its max-norm
@@ -16,12 +15,20 @@ are exact.
   never an escaping exception; each sample returns the best point it evaluated.
 * **torch** — Jacobian-free Newton–Krylov: each Newton step solves ``(I − J) d = g`` with the
   batched per-sample GMRES of :mod:`implicit_solvers.krylov` to a forcing tolerance (constant
-  ``eta`` or Eisenstat–Walker), then a backtracking line search on ``‖g‖``. Products ``J v`` use
-  forward-mode AD (``torch.func.jvp``) when it works through the cell, else finite differences
-  ``(f(z + h v) − f(z)) / h`` with ``h = √eps (1 + ‖z‖) / ‖v‖`` (``jvp="finite_difference"``
-  forces it; cells whose forward AD fails, e.g. CPU attention or train-mode BatchNorm, fall back
-  on the first failure). ``Solution.njvp`` counts the products; ``n_calls`` counts evaluations of
-  f at iterates and line-search trials (finite-difference products are counted in ``njvp``).
+  ``eta`` or Eisenstat–Walker), then a backtracking line search on ``‖g‖``. Products ``J v``
+  are finite differences ``(f(z + h v) − f(z)) / h`` with ``h = √eps (1 + ‖z‖) / ‖v‖`` — one
+  call of f on the batch, ``f(z)`` reused — or forward-mode AD (``torch.func.jvp``, exact).
+  ``jvp="auto"`` takes forward AD in float64 (falling back to differences on the first failure,
+  e.g. CPU attention or train-mode BatchNorm) and differences in lower precision. The reason is
+  cost, measured on the ResNet quick workload (float32, 2 CPU cores): a forward-AD product
+  through GroupNorm is ~1300 small operations and cost 7.1 ms against 0.85 ms for one call of
+  the cell, and on a CPU shared with another process each of those operations waits at a
+  thread barrier, so the solve slowed many times more than a solve of cell calls did (issue
+  21). The difference's error (~5e-3 relative there: √eps of float32, and the ReLU kinks) is
+  well inside what the inexact Newton steps ask of their inner solves: the solve needed fewer
+  calls with it (9 against 13), and every registered workload converged with it at tol 1e-4.
+  ``Solution.njvp`` counts the products; ``n_calls`` counts evaluations of f at iterates and
+  line-search trials (the differences' calls are counted in ``njvp``).
 
 ``max_iter`` bounds the calls of f on the batch, as for every solver.
 """
@@ -88,7 +95,13 @@ class NewtonKrylov(implicit.Solver):
         return "scipy" if z.device.type == "cpu" and z.dtype == torch.float64 else "torch"
 
     def init(self, z, fz):
-        return _TorchState(jvp_mode=self.jvp)
+        # jvp="auto": forward AD in float64 (exact products keep Newton's quadratic phase down
+        # to float64 tolerances; a cell without forward AD falls back on the first failure),
+        # finite differences otherwise — see the module docstring for why
+        mode = self.jvp
+        if mode == "auto" and z.dtype != torch.float64:
+            mode = "finite_difference"
+        return _TorchState(jvp_mode=mode)
 
     def step(self, fn, z, fz, state: _TorchState):
         if self.resolved_backend(z) == "scipy":
@@ -106,8 +119,10 @@ class NewtonKrylov(implicit.Solver):
         g_norm = torch.linalg.vector_norm(g, dim=1)
         eta = self._forcing(g_norm, state)
 
+        z_size = 1 + torch.linalg.vector_norm(z, dim=1)  # of the differences' step, once
+
         def matvec(vec: torch.Tensor) -> torch.Tensor:
-            return vec - self._jvp(fn, z, fz, vec, state)
+            return self._matvec(fn, z, fz, z_size, vec, state)
 
         result = batched_gmres(matvec, g, rtol=eta, restart=self.inner_m,
                                max_matvecs=self.inner_maxiter)
@@ -142,22 +157,26 @@ class NewtonKrylov(implicit.Solver):
         eta = torch.where(floor > 0.1, torch.maximum(eta, floor), eta)
         return eta.clamp(min=1e-10, max=ETA_MAX)
 
-    def _jvp(self, fn, z, fz, vec, state: _TorchState) -> torch.Tensor:
+    def _matvec(self, fn, z, fz, z_size, vec, state: _TorchState) -> torch.Tensor:
+        """``(I − J) v``. The difference form is four state-sized operations and a call of f:
+        on a shared CPU each operation of that size waits at a thread barrier, so they are
+        fused (``addcmul``, ``addcdiv``)."""
         state.njvp += 1
         if state.jvp_mode in ("auto", "forward_ad"):
             try:
                 _, out = torch.func.jvp(fn.fn, (z,), (vec,))
                 if state.jvp_mode == "auto":
                     state.jvp_mode = "forward_ad"
-                return out
+                return vec - out
             except Exception:
                 if self.jvp == "forward_ad":
                     raise
                 state.jvp_mode = "finite_difference"
         eps = torch.finfo(z.dtype).eps
         v_norm = torch.linalg.vector_norm(vec, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        h = math.sqrt(eps) * (1 + torch.linalg.vector_norm(z, dim=1)) / v_norm
-        return (fn.fn(z + h[:, None] * vec) - fz) / h[:, None]
+        h = (math.sqrt(eps) * z_size / v_norm)[:, None]
+        # v − (f(z + h v) − f(z)) / h
+        return torch.addcdiv(vec, fz - fn.fn(torch.addcmul(z, h, vec)), h)
 
     # -- scipy: the whole solve in one loop step ----------------------------------------------
     def _scipy_solve(self, fn, z, fz, state: _TorchState):
