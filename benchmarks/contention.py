@@ -88,6 +88,17 @@ def time_solve(layer, x, repeat: int, limit: float) -> dict:
             "njvp": sol.njvp if sol is not None and not timed_out else None}
 
 
+def count_ops(layer, x) -> int:
+    """Tensor operations (``aten::`` calls, nested ones included) of one forward solve, by
+    ``torch.profiler``: on a shared CPU each one of state size is a parallel region that may
+    wait for a descheduled thread."""
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        layer(x)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
 def merge(runs: list[dict]) -> dict:
     """One phase's timings over all rounds: the median of every timed solve."""
     times = [t for run in runs for t in run["times_s"]]
@@ -121,6 +132,7 @@ def main(argv=None) -> int:
             layers[name](x)  # warm up
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
           f"CPUs; {args.workload}")
+    ops = {name: count_ops(layer, x) for name, layer in layers.items()}
     idle: dict = {name: [] for name in layers}
     loaded: dict = {name: [] for name in layers}
     for _ in range(args.rounds):
@@ -149,9 +161,9 @@ def main(argv=None) -> int:
         print(f"{name:14s} idle {a['median_s'] * 1e3:9.1f} ms   loaded {shown:>12s}   "
               + (f"x{ratio:.2f}" if ratio else "(timed out)")
               + (f" ({relative:.2f} of forward's)" if relative else "")
-              + f"   calls {a['n_calls']}  jvps {a['njvp']}")
+              + f"   calls {a['n_calls']}  jvps {a['njvp']}  ops {ops[name]}")
         rows.append({"solver": name, "idle": a, "loaded": b, "ratio": ratio,
-                     "relative_to_forward": relative})
+                     "relative_to_forward": relative, "ops_per_solve": ops[name]})
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({

@@ -128,10 +128,12 @@ def compiled() -> str:
 
 
 def contention() -> str:
-    lines = ["| solver | version | idle ms | with one CPU-bound process | slowdown |",
-             "|---|---|---|---|---|"]
+    lines = ["| solver | run | tensor ops per solve | idle ms | with one CPU-bound process | "
+             "slowdown | slowdown ÷ forward's |", "|---|---|---|---|---|---|---|"]
     commands = []
-    for path in sorted((RESULTS / "cpu-contention").glob("*/results.json")):
+    paths = sorted((RESULTS / "cpu-contention").glob("*/results.json"),
+                   key=lambda p: (p.parent.name.split("-")[0], "after" in p.parent.name))
+    for path in paths:
         version = path.parent.name
         data = json.loads(path.read_text())
         commands.append(f"{version}: `{data['command']}`")
@@ -140,8 +142,13 @@ def contention() -> str:
             shown = (f"> {data.get('limit_s', 60):.0f} s (stopped)" if loaded["timed_out"]
                      else f"{1e3 * loaded['median_s']:.1f} ms")
             ratio = "—" if row["ratio"] is None else f"×{row['ratio']:.1f}"
-            lines.append(f"| `{row['solver']}` | {version} | {1e3 * row['idle']['median_s']:.1f} "
-                         f"| {shown} | {ratio} |")
+            relative = row.get("relative_to_forward")
+            relative = "—" if relative is None else f"{relative:.2f}"
+            ops = row.get("ops_per_solve")
+            ops = "—" if ops is None else f"{ops:,}"
+            lines.append(f"| `{row['solver']}` | {version} | {ops} "
+                         f"| {1e3 * row['idle']['median_s']:.1f} "
+                         f"| {shown} | {ratio} | {relative} |")
     return "\n".join(lines) + "\n\n" + "; ".join(commands) + ".\n"
 
 
