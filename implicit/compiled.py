@@ -46,6 +46,9 @@ from .state import StateSpec
 #: compiled block functions kept (one per solver options × block length)
 CACHE_SIZE = 16
 
+#: maps (by code object) whose calls could not be traced into a ``torch.cond`` branch
+_SKIPPABLE: dict = {}
+
 
 def _meets(solver, metric: torch.Tensor, scale: torch.Tensor):
     """``(met, imprecise)`` as in :func:`implicit.solver._meets`, as tensors."""
@@ -105,17 +108,36 @@ def _start(solver, z: torch.Tensor, fz: torch.Tensor) -> tuple:
     })
 
 
-def _steps(solver, steps: int, fn: Callable, carry: tuple, state: Any):
+def _unchanged(z: torch.Tensor) -> torch.Tensor:
+    return z.clone()  # a torch.cond branch may not return its input itself
+
+
+def _steps(solver, steps: int, fn: Callable, carry: tuple, state: Any, skip: bool = False):
     """``steps`` steps of the loop on the packed carry: the solver's fixed-shape step, then the
-    loop's per-sample rules as masks. Returns ``(carry, state, any_active)``, the last a 0-d
-    tensor (the host reads it between blocks: one synchronisation per block)."""
+    loop's per-sample rules as masks. Returns ``(carry, state, flags)``, ``flags`` a ``(2,)``
+    int64 tensor ``[any sample still active, calls of f made]`` that the host reads between
+    blocks (one synchronisation per block).
+
+    ``skip``: each step's call of ``fn`` runs under ``torch.cond`` on "any sample active", so
+    the steps of a block after every sample stopped cost the bookkeeping only, not a call
+    (where ``fn`` can be traced into a branch: no graph break inside it)."""
     keep_last = solver.returns == "last"
     stop_abs = solver.stop == "abs"
     c = _unpack(carry)
+    made = torch.zeros((), dtype=torch.int64, device=c["nfe"].device)
     for _ in range(steps):
         active = c["active"]
-        z_new, fz_new, g_new, state = solver.static_step(fn, c["z"], c["fz"], c["fz"] - c["z"],
-                                                         state, active)
+        if skip:
+            anyone = active.any()
+            made = made + anyone.long()
+
+            def step_fn(z, anyone=anyone):
+                return torch.cond(anyone, fn, _unchanged, (z,))
+        else:
+            made = made + 1
+            step_fn = fn
+        z_new, fz_new, g_new, state = solver.static_step(step_fn, c["z"], c["fz"],
+                                                         c["fz"] - c["z"], state, active)
         abs_new, rel_new, scale_new = _norms(g_new, fz_new)
         metric_new = abs_new if stop_abs else rel_new
         best_metric = c["best_abs"] if stop_abs else c["best_rel"]
@@ -146,7 +168,7 @@ def _steps(solver, steps: int, fn: Callable, carry: tuple, state: Any):
             "limit": c["limit"],
             "size_limit": c["size_limit"],
         }
-    return _pack(c), state, c["active"].any()
+    return _pack(c), state, torch.stack([c["active"].any().long(), made])
 
 
 def _finish(carry: tuple):
@@ -175,7 +197,9 @@ def _finish(carry: tuple):
 def compiled_parts(solver, steps: int) -> types.SimpleNamespace:
     """The compiled functions of a solve with ``solver``: ``start(z, fz) -> (carry,
     any_active)``,
-    ``block(fn, carry, state) -> (carry, state, any_active)`` of ``steps`` loop steps and
+    ``block(fn, carry, state) -> (carry, state, flags)`` of ``steps`` loop steps that skip the
+    calls of ``fn`` once no sample is active, ``plain``: the same without skipping (for maps
+    that cannot be traced into a ``torch.cond`` branch, e.g. a VJP through autograd), and
     ``finish(carry)`` (:func:`_finish`; cached by the solver's options, the backend
     among them, and ``steps``).
 
@@ -197,13 +221,16 @@ def compiled_parts(solver, steps: int) -> types.SimpleNamespace:
         return carry, carry[2][:, _FLAGS.index("active")].any()
 
     def block(fn, carry, state):
+        return _steps(solver, steps, fn, carry, state, skip=True)
+
+    def plain(fn, carry, state):
         return _steps(solver, steps, fn, carry, state)
 
     def finish(carry):
         return _finish(carry)
 
     return types.SimpleNamespace(start=own(start, "start"), block=own(block, "block"),
-                                 finish=own(finish, "finish"))
+                                 plain=own(plain, "plain"), finish=own(finish, "finish"))
 
 
 def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -222,21 +249,35 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
     carry, any_active = parts.start(z, fz)
     state = solver.static_init(z, fz, fz - z)
     calls, blocks, eager_steps = 1, 0, 0
+    budget_spent = 1  # calls a block may make, counted whole: the budget is never exceeded
     going = bool(any_active)
+    block = parts.block if _SKIPPABLE.get(fn.__code__, True) else parts.plain
     while going and calls + solver.block <= solver.max_iter:
-        carry, state, any_active = parts.block(fn, carry, state)
-        calls += solver.block
+        try:
+            carry, state, flags = block(fn, carry, state)
+        except Exception:
+            # a map that cannot run inside a torch.cond branch (a graph break in it): blocks
+            # that make every call; a map that fails either way raises from the plain block
+            if block is parts.plain:
+                raise
+            _SKIPPABLE[fn.__code__] = False
+            block = parts.plain
+            carry, state, flags = block(fn, carry, state)
+        going, made = flags.tolist()
+        calls += made
+        budget_spent += solver.block
         blocks += 1
-        going = bool(any_active)
-    while going and calls < solver.max_iter:
-        carry, state, any_active = _steps(solver, 1, fn, carry, state)
+    while going and budget_spent < solver.max_iter:
+        carry, state, flags = _steps(solver, 1, fn, carry, state)
         calls += 1
+        budget_spent += 1
         eager_steps += 1
-        going = bool(any_active)
+        going = bool(flags[0])
 
     best_z, best_abs, best_rel, converged, codes, summary = parts.finish(carry)
     worst, below, precision_scale = summary.tolist()
-    stats = {**solver.static_stats(state), "loop_steps": calls - 1, "compiled_blocks": blocks,
+    stats = {**solver.static_stats(state), "loop_steps": budget_spent - 1,
+             "compiled_blocks": blocks, "skipping_blocks": block is parts.block,
              "eager_steps": eager_steps}
     if below:
         stats["below_precision"] = int(below)
