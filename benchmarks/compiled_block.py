@@ -1,88 +1,154 @@
-"""Eager vs ``torch.compile``-d fixed-iteration blocks of solver steps (``compile_block``).
+"""Where the time of a compiled solve goes (``compile=True``, :mod:`implicit.compiled`).
 
-The per-step bookkeeping of a solver is many small tensor operations; on a cheap cell it costs
-more than the cell (the tanh floor ratios in the README). A compiled block of ``k`` steps fuses
-them. This prints, per solver and cell, the time of ``k`` steps eager and compiled and ``k``
-bare cell evaluations (the floor), on whatever device is given::
+``implicit bench --compile`` gives a compiled solve's floor ratio: forward time ÷ (``n_calls`` ×
+one *eager* cell call). This takes one ``DEQ`` forward apart, timed interleaved in one process
+(minimum over ``--repeat`` rounds; noise on a shared machine only adds time):
 
-    python benchmarks/compiled_block.py                   # CPU, inductor
-    python benchmarks/compiled_block.py --device cuda --steps 8
+* one eager cell call (the floor's unit) and the cell's own arithmetic, compiled alone;
+* a compiled block's cost, split by timing blocks of 1 and ``--steps`` steps into a fixed part
+  per block (the call into compiled code: guards, wrappers, allocation) and a part per step;
+* the solve's other parts: the checked first call of f, ``start``, ``finish``, and what the
+  DEQ forward adds around the solve (injection, state spec, record, policy);
+
+and prints how much of the floor ratio each part accounts for::
+
+    python benchmarks/compiled_block.py                       # tanh d=256 b=64 and ResNet
+    python benchmarks/compiled_block.py --solvers anderson --out DIR   # DIR/output.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import implicit
-from implicit.cell import injection_of, update_of
-from implicit.solver import compile_block, step_block
+from implicit import compiled
+from implicit.cell import init_state_of, injection_of, update_of
+from implicit.solver import Evaluator
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    fn()
-    fn()
-    best = float("inf")
+def workloads(device: torch.device):
+    torch.manual_seed(0)
+    tanh = implicit.make_cell("tanh", features=256, in_features=256).to(device)
+    yield "tanh d=256 b=64", tanh, torch.randn(64, 256, device=device)
+    resnet = implicit.make_cell("resnet", channels=48, inner_channels=64).to(device)
+    yield "resnet 48/64 16x16 b=4", resnet, torch.randn(4, 48, 16, 16, device=device)
+
+
+def interleaved(cands: dict, repeat: int, device: torch.device) -> dict:
+    """The fastest of ``repeat`` rounds of each candidate, the rounds interleaved."""
+    best = {k: float("inf") for k in cands}
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        for k, fn in cands.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[k] = min(best[k], time.perf_counter() - start)
     return best
 
 
-def problems(device: torch.device):
-    torch.manual_seed(0)
-    tanh = implicit.make_cell("tanh", features=256).to(device)
-    x = torch.randn(64, 256, device=device)
-    u = injection_of(tanh, x)
-    yield "tanh d=256 b=64", (lambda z: update_of(tanh, z, u)), torch.zeros(64, 256, device=device)
-    resnet = implicit.make_cell("resnet", channels=48, inner_channels=64).to(device)
-    x = torch.randn(4, 48, 16, 16, device=device)
-    u = injection_of(resnet, x)
-    yield ("resnet 48/64 16x16 b=4",
-           (lambda z: update_of(resnet, z.view(4, 48, 16, 16), u).reshape(4, -1)),
-           torch.zeros(4, 48 * 256, device=device))
-
-
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=8, help="the long block's steps")
+    parser.add_argument("--block", type=int, default=4, help="the solve's block (as bench)")
+    parser.add_argument("--repeat", type=int, default=60)
     parser.add_argument("--solvers", default="forward,anderson")
+    parser.add_argument("--out", type=Path, help="also write the output to DIR/output.txt")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {args.steps} steps per block")
+    lines = [f"$ python benchmarks/compiled_block.py {' '.join(argv or sys.argv[1:])}",
+             f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
+             f"times in µs, fastest of {args.repeat} interleaved rounds"]
+    print("\n".join(lines))
+
+    def say(text: str) -> None:
+        lines.append(text)
+        print(text)
+
     with torch.no_grad():
-        for label, fn, z in problems(device):
-            fz = fn(z)
+        for label, cell, x in workloads(device):
+            u = injection_of(cell, x)
+            z_state = init_state_of(cell, x)
+            shape = z_state.shape
 
-            def floor():
-                w = z
-                for _ in range(args.steps):
-                    w = fn(w)
+            def fn(z, cell=cell, u=u, shape=shape):
+                return update_of(cell, z.view(shape), u).reshape(shape[0], -1)
 
-            t_floor = timed(floor, device, args.repeat)
+            z0 = z_state.reshape(shape[0], -1).contiguous()
+            fz0 = fn(z0)
+            alone = torch.compile(lambda z: fn(z))
+            alone(z0)
             for name in args.solvers.split(","):
-                solver = implicit.make_solver(name)
-                state0 = solver.init(z, fz)
-                eager = timed(lambda: step_block(solver, fn, z, fz, solver.init(z, fz),
-                                                 args.steps), device, args.repeat)
-                block = compile_block(solver, fn, args.steps)
-                block(z, fz, state0)  # compile
-                compiled = timed(lambda: block(z, fz, solver.init(z, fz)), device, args.repeat)
-                print(f"{label:24s} {name:9s} floor {t_floor * 1e3:7.2f} ms  eager "
-                      f"{eager * 1e3:7.2f} ms ({eager / t_floor:4.2f}x)  compiled "
-                      f"{compiled * 1e3:7.2f} ms ({compiled / t_floor:4.2f}x)  speed-up "
-                      f"{eager / compiled:4.2f}x")
+                options = dict(tol=1e-4, max_iter=50, compile=True)
+                layer = implicit.DEQ(cell, solver=implicit.make_solver(
+                    name, block=args.block, **options), backward="ift").eval()
+                layer(x)
+                calls = layer.solution.n_calls
+                steps_run = layer.solution.stats["loop_steps"]
+                blocks = layer.solution.stats["compiled_blocks"]
+                # tol 0: every step of the timed blocks is active (no skipped calls)
+                parts = {k: compiled.compiled_parts(implicit.make_solver(
+                    name, block=k, tol=0.0, max_iter=50, compile=True), k)
+                    for k in (1, args.steps)}
+                solver1 = implicit.make_solver(name, block=1, tol=0.0, max_iter=50,
+                                               compile=True)
+                carry, _ = parts[1].start(z0, fz0)
+                for k, p in parts.items():
+                    p.block(fn, carry, solver1.static_init(z0, fz0, fz0 - z0))
+                part = parts[args.block] if args.block in parts else compiled.compiled_parts(
+                    layer.solver, args.block)
+                t = interleaved({
+                    "cell": lambda: fn(z0),
+                    "cell compiled": lambda: alone(z0),
+                    "first call": lambda: Evaluator(fn, budget=1)(z0),
+                    "start": lambda: part.start(z0, fz0),
+                    "block 1": lambda: parts[1].block(
+                        fn, carry, solver1.static_init(z0, fz0, fz0 - z0)),
+                    f"block {args.steps}": lambda: parts[args.steps].block(
+                        fn, carry, solver1.static_init(z0, fz0, fz0 - z0)),
+                    "finish": lambda: part.finish(carry),
+                    "solve": lambda: implicit.iterate(layer.solver, fn, z0),
+                    "DEQ forward": lambda: layer(x),
+                }, args.repeat, device)
+                us = {k: v * 1e6 for k, v in t.items()}
+                per_step = (us[f"block {args.steps}"] - us["block 1"]) / (args.steps - 1)
+                fixed = us["block 1"] - per_step
+                floor = calls * us["cell"]
+                skipped = steps_run - (calls - 1)
+                accounted = {
+                    "first call (eager, checked)": us["first call"],
+                    f"{calls - 1} compiled steps that call f": (calls - 1) * per_step,
+                    f"{skipped} steps skipped inside a block": skipped * max(
+                        per_step - us["cell compiled"], 0.0),
+                    f"{blocks} blocks' fixed cost": blocks * fixed,
+                    "start + finish": us["start"] + us["finish"],
+                }
+                rest = us["DEQ forward"] - sum(accounted.values())
+                say(f"\n{label}, {name} (block {args.block}): {calls} calls, "
+                    f"{steps_run} steps, {blocks} blocks")
+                say(f"  eager cell call {us['cell']:8.1f}   the cell compiled alone "
+                    f"{us['cell compiled']:8.1f}   compiled step {per_step:8.1f}   "
+                    f"block fixed cost {fixed:8.1f}")
+                say(f"  DEQ forward {us['DEQ forward']:8.1f} = floor ratio "
+                    f"{us['DEQ forward'] / floor:.2f} (floor {calls} × eager cell = "
+                    f"{floor:.1f}); the solve alone {us['solve'] / floor:.2f}")
+                for what, value in {**accounted,
+                                    "the DEQ around the solve, and the rest": rest}.items():
+                    say(f"    {what:44s} {value:8.1f}   {value / floor:5.2f} of the floor")
                 torch._dynamo.reset()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

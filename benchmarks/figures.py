@@ -25,7 +25,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-REGION = re.compile(r"(<!-- figures: ([\w-]+) -->\n)(.*?)(<!-- /figures -->)", re.S)
+REGION = re.compile(r"(<!-- figures: ([\w:./-]+) -->\n)(.*?)(<!-- /figures -->)", re.S)
 
 
 def _load(name: str) -> dict:
@@ -60,6 +60,82 @@ def training_parity_digits(name: str = "cpu-training-parity-digits") -> str:
     table = _parity_module().markdown(data["summary"])
     rows = ["|".join(line.split("|")[:4]) + "|" for line in table.splitlines()]
     return "\n".join(rows) + f"\n\nCommand: `{data['command']}`.\n"
+
+
+def training_parity_ablation() -> str:
+    """The one-change-at-a-time runs of the parity write-up (test accuracy %, train loss)."""
+    data = _load("cpu-training-parity-ablation")
+    seeds = sorted({s for r in data["rows"] for s in r["seeds"]})
+    lines = ["| layer (one change from the tutorial or the row above) | "
+             + " | ".join(f"seed {s}" for s in seeds) + " | final train loss |",
+             "|---|" + "---|" * len(seeds) + "---|"]
+    for r in data["rows"]:
+        acc = dict(zip(r["seeds"], r["test_accuracy"]))
+        cells = " | ".join(f"{100 * acc[s]:.1f}" if s in acc else "—" for s in seeds)
+        loss = ", ".join(f"{v:.3f}" for v in r["final_train_loss"])
+        lines.append(f"| {r['description']} (`{r['variant']}`) | {cells} | {loss} |")
+    return ("\n".join(lines) + f"\n\n{data['what']}; {data['timing_note']}. Command: "
+            f"`{data['command']}`.\n")
+
+
+def digits() -> str:
+    """The digits run's last epoch, from its committed log (``benchmarks/digits.py --out``)."""
+    lines = (RESULTS / "cpu-digits" / "log.txt").read_text().splitlines()
+    last = dict(item.split("=", 1) for item in
+                next(line for line in reversed(lines) if line.startswith("epoch=")).split())
+    final = next(line for line in reversed(lines) if line.startswith("digits:"))
+    return (f"| epochs | test accuracy | forward NFE per sample | backward NFE per sample |\n"
+            f"|---|---|---|---|\n"
+            f"| {int(last['epoch']) + 1} | {100 * float(last['test_accuracy']):.2f} % | "
+            f"{float(last['fwd_nfe']):.1f} | {float(last['bwd_nfe']):.1f} |\n\n"
+            f"Last epoch of `benchmarks/results/cpu-digits/log.txt` ({final}).\n")
+
+
+def verify_cases() -> str:
+    """The committed ``implicit verify --report`` run: cases per contract, and how many passed."""
+    from collections import Counter
+
+    data = json.loads((RESULTS / "verify-report" / "report.json").read_text())
+    cases = data["cases"]
+    per = Counter(c["contract"] for c in cases)
+    failed = sum(c["failed"] for c in cases)
+    vacuous = sum(not any(c["claims"].values()) for c in cases if c["claims"])
+    listed = ", ".join(f"{n} {contract}" for contract, n in sorted(per.items()))
+    return (f"On the built-ins that is {len(cases)} cases ({listed}); the committed run "
+            f"(`implicit verify --report benchmarks/results/verify-report`, exit code "
+            f"{data['exit_code']}) has {failed} failed and {vacuous} without a single claim "
+            f"checked.\n")
+
+
+def _median_calls(data: dict, side: str, method: str) -> str:
+    calls = [r["calls"] for r in data["records"]
+             if r["side"] == side and r["method"] == method and r["solved"]]
+    return f"{statistics.median(calls):g}" if calls else "—"
+
+
+def problems_calls() -> str:
+    """``problems`` with the median calls of F on the problems each method solved."""
+    data = _load("cpu-problems")
+    lines = ["| family | ours | solved | median calls | scipy | solved | median calls |",
+             "|---|---|---|---|---|---|---|"]
+    for family, sides in data["summary"].items():
+        ours = [(k, v) for k, v in sides.items() if k.startswith("implicit:")]
+        theirs = [(k, v) for k, v in sides.items() if k.startswith("scipy:")]
+        for i, (name, s) in enumerate(ours):
+            method = name.split(":", 1)[1]
+            row = (f"| {family if i == 0 else ''} | `{method}` | {s['solved']}/{s['of']} "
+                   f"({s['false_convergences']} false) | "
+                   f"{_median_calls(data, 'implicit', method)} |")
+            if i == 0 and theirs:
+                other, o = theirs[0]
+                other = other.split(":", 1)[1]
+                row += (f" `{other}` | {o['solved']}/{o['of']} ({o['false_convergences']} "
+                        f"false) | {_median_calls(data, 'scipy', other)} |")
+            else:
+                row += " | | |"
+            lines.append(row)
+    argv = " ".join(data["config"]["argv"][1:])
+    return "\n".join(lines) + f"\n\nCommand: `implicit {argv}`.\n"
 
 
 def problems() -> str:
@@ -117,8 +193,50 @@ def _bench_note(data: dict) -> str:
 
 
 def bench_quick() -> str:
-    data = _load("cpu-quick")
-    return "\n".join(_bench_rows(data["records"])) + "\n\n" + _bench_note(data) + "\n"
+    return bench("cpu-quick")
+
+
+def bench(name: str) -> str:
+    """Any committed ``implicit bench`` run's table (``bench:DIR``), with the torchdeq ratios
+    where the run compared against it (``--compare torchdeq``)."""
+    data = _load(name)
+    rows = _bench_rows(data["records"])
+    if any(r.get("compare") for r in data["records"]):
+        rows[0] += " torchdeq fwd ÷ ours | torchdeq train ÷ ours |"
+        rows[1] += "---|---|"
+        for i, r in enumerate(data["records"], start=2):
+            c = r.get("compare") or {}
+            fwd, train = c.get("forward_time_ratio"), c.get("train_step_time_ratio")
+            rows[i] += (f" {fwd:.2f} | {train:.2f} |" if fwd is not None and train is not None
+                        else " — | — |")
+    return "\n".join(rows) + "\n\n" + _bench_note(data) + "\n"
+
+
+def gradients(name: str) -> str:
+    """A backward-strategy run's gradients against its float64 reference (``gradients:DIR``)."""
+    from implicit.bench.measure import plugin_label
+
+    data = _load(name)
+    records = [r for r in data["records"] if not r.get("error")]
+    ift = next((r["backward_time_s"] for r in records
+                if r["combination"]["backward"] == "ift"), None)
+    lines = ["| backward | cosine similarity | relative error | backward ms | ÷ ift backward time |",
+             "|---|---|---|---|---|"]
+    for r in records:
+        c = r["combination"]
+        ratio = f"{r['backward_time_s'] / ift:.2f}" if ift else "—"
+        lines.append(f"| `{plugin_label(c['backward'], c['backward_options'])}` | "
+                     f"{r['grad_cosine']:.3f} | {r['grad_rel_error']:.1e} | "
+                     f"{1e3 * r['backward_time_s']:.1f} | {ratio} |")
+    return "\n".join(lines) + "\n\n" + _bench_note(data) + "\n"
+
+
+def output(name: str) -> str:
+    """A committed script output, verbatim: ``output:DIR`` is ``DIR/output.txt``,
+    ``output:DIR/FILE`` that file."""
+    folder, _, file = name.partition("/")
+    text = (RESULTS / folder / (file or "output.txt")).read_text().rstrip("\n")
+    return f"```text\n{text}\n```\n"
 
 
 def compiled() -> str:
@@ -158,6 +276,10 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "training-parity-digits-recheck": lambda: training_parity_digits(
         "cpu-training-parity-digits-recheck"),
     "problems": problems,
+    "problems-calls": problems_calls,
+    "digits": digits,
+    "training-parity-ablation": training_parity_ablation,
+    "verify-cases": verify_cases,
     "bench-quick": bench_quick,
     "compiled": compiled,
     "contention": contention,
@@ -169,12 +291,24 @@ def pages() -> list[Path]:
                                          if "_build" not in p.parts)
 
 
+#: regions with an argument: ``bench:DIR``, ``gradients:DIR`` and ``output:DIR`` (a folder of
+#: benchmarks/results)
+PARAMETRIZED: dict[str, Callable[[str], str]] = {"bench": bench, "output": output,
+                                                 "gradients": gradients}
+
+
 def render(text: str, where: str) -> str:
     def replace(match: re.Match) -> str:
         name = match.group(2)
+        kind, _, arg = name.partition(":")
+        if arg and kind in PARAMETRIZED:
+            if not (RESULTS / arg.split("/")[0]).is_dir() or not (RESULTS / arg).exists():
+                raise SystemExit(f"{where}: figures region {name!r}: no folder "
+                                 f"benchmarks/results/{arg}")
+            return match.group(1) + PARAMETRIZED[kind](arg) + match.group(4)
         if name not in GENERATORS:
             raise SystemExit(f"{where}: unknown figures region {name!r}; known: "
-                             f"{sorted(GENERATORS)}")
+                             f"{sorted(GENERATORS)} and {sorted(PARAMETRIZED)} with ':DIR'")
         return match.group(1) + GENERATORS[name]() + match.group(4)
 
     return REGION.sub(replace, text)

@@ -7,11 +7,14 @@ prints the forward ``n_calls`` to tolerance, the Jacobian estimates and the task
 
     python benchmarks/jacobian_regularization.py            # defaults below
     python benchmarks/jacobian_regularization.py --steps 300 --weight 2.0 --features 32
+    python benchmarks/jacobian_regularization.py --out DIR   # also DIR/output.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
@@ -69,12 +72,18 @@ def main(argv=None) -> None:
     parser.add_argument("--weight", type=float, default=10.0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the output to DIR/output.txt")
     args = parser.parse_args(argv)
+    lines = [f"$ python benchmarks/jacobian_regularization.py {' '.join(argv or sys.argv[1:])}"]
     for weight in (0.0, args.weight):
         result = train(weight, steps=args.steps, features=args.features, seed=args.seed,
                        lr=args.lr)
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in result.items()))
+        lines.append("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in result.items()))
+        print(lines[-1])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ one training step (VmHWM reset first), on CUDA the allocator's peak.
 Each point is the median of ``--runs`` fresh processes (RSS measurements move by ~10% between
 runs at the tens-of-MiB scale).
 
-Run: ``.venv/bin/python benchmarks/memory_vs_depth.py [--device cpu] [--workload resnet_c48]``
+Run: ``.venv/bin/python benchmarks/memory_vs_depth.py [--device cpu] [--workload resnet_c48]
+[--out DIR]`` (``--out``: the printed table, with the command, in ``DIR/output.txt``)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 from implicit.bench.measure import Combination
 from implicit.bench.runner import _run_isolated
@@ -29,10 +32,13 @@ def main() -> None:
     parser.add_argument("--depths", default="10,100")
     parser.add_argument("--backwards", default="ift,phantom,unrolled")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per point; median")
+    parser.add_argument("--out", type=Path, help="also write the table to DIR/output.txt")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    print(f"{'backward':<10} " + " ".join(f"{'max_iter ' + str(d):>14}" for d in depths)
-          + f" {'ratio':>8}   method")
+    lines = [f"$ python benchmarks/memory_vs_depth.py {' '.join(sys.argv[1:])}",
+             f"{'backward':<10} " + " ".join(f"{'max_iter ' + str(d):>14}" for d in depths)
+             + f" {'ratio':>8}   method"]
+    print(lines[-1])
     for backward in args.backwards.split(","):
         peaks, method = [], ""
         for depth in depths:
@@ -49,7 +55,11 @@ def main() -> None:
             peaks.append(statistics.median(runs))
             method = record["peak_memory_method"]
         cells = " ".join(f"{p / 2**20:>10.1f} MiB" for p in peaks)
-        print(f"{backward:<10} {cells} {peaks[-1] / max(peaks[0], 1):>8.2f}   {method}")
+        lines.append(f"{backward:<10} {cells} {peaks[-1] / max(peaks[0], 1):>8.2f}   {method}")
+        print(lines[-1])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ What keeps the compiled graph fixed:
 
 * the solver's state has one shape for the whole solve. A solver opts in with ``static = True``
   and :meth:`~implicit.Solver.static_init` / :meth:`~implicit.Solver.static_step`; Anderson
-  keeps its ``m`` history slots as a shift register (newest last) with the unfilled slots
-  masked out of its least squares, so nothing changes shape, and no Python number changes
-  value, as the history fills;
+  keeps its ``m`` history slots as a ring written in place (slot ``count mod m``) with the
+  unfilled slots masked out of its least squares, so nothing changes shape, and no Python
+  number changes value, as the history fills;
+* the loop's per-sample numbers and flags travel packed in four tensors (every tensor
+  argument of a compiled function is checked by its guards on every call);
 * ``f`` is an argument of the compiled function (guarded on its code, not on the closure
   object a new batch makes), so a DEQ's per-batch map does not recompile;
 * shapes: the first call compiles for its shapes; a call with another batch size recompiles
@@ -23,12 +25,14 @@ What keeps the compiled graph fixed:
   :data:`CACHE_SIZE` of them.
 
 Semantics are those of :func:`implicit.iterate` (per-sample stopping, best iterate, held
-non-finite and diverged samples, truthful ``nfe`` / ``n_calls``, status and policy), with two
-differences that follow from blocks: a block runs all its ``block`` calls even when every
-sample stops inside it (the calls are counted in ``n_calls``; each sample's record stops where
-it stopped), and the last ``max_iter − 1 mod block`` calls run eagerly, one step at a time,
-through the same step code. No step-size safeguard (a cut needs a host check per step), no
-row compaction, no trace.
+non-finite and diverged samples, truthful ``nfe`` / ``n_calls``, status and policy). Each step's
+call of f runs under ``torch.cond`` on "is any sample still active", so the steps of a block
+after every sample stopped make no call (``n_calls`` is the eager loop's); a map that cannot be
+traced into a ``torch.cond`` branch (a graph break in it, e.g. a VJP through autograd) runs in
+blocks that make every call, and ``n_calls`` counts those (``stats["skipping_blocks"]`` says
+which). The budget is counted in whole blocks: the last ``max_iter − 1 mod block`` steps run
+eagerly, one at a time, through the same step code. No step-size safeguard (a cut needs a host
+check per step), no row compaction, no trace.
 """
 
 from __future__ import annotations

@@ -39,3 +39,14 @@ def test_a_hand_edited_figure_is_caught(figures):
 def test_unknown_region_names_are_errors(figures):
     with pytest.raises(SystemExit, match="unknown figures region 'nope'"):
         figures.render("<!-- figures: nope -->\nx\n<!-- /figures -->", "page.md")
+
+
+def test_regions_with_a_results_folder(figures):
+    """``bench:DIR`` renders that run's table with its command; a folder that is not there is
+    an error naming it, not an empty table."""
+    text = figures.render("<!-- figures: bench:cpu-quick -->\nx\n<!-- /figures -->", "page.md")
+    assert "| `anderson` | resnet_c48_s16 |" in text and "--out benchmarks/results/cpu-quick" in text
+    with pytest.raises(SystemExit, match="no folder benchmarks/results/nope"):
+        figures.render("<!-- figures: bench:nope -->\nx\n<!-- /figures -->", "page.md")
+    with pytest.raises(SystemExit, match="unknown figures region 'nope:cpu-quick'"):
+        figures.render("<!-- figures: nope:cpu-quick -->\nx\n<!-- /figures -->", "page.md")

@@ -135,6 +135,43 @@ def test_gmres_is_linear_only_and_not_in_the_forward_matrix(registry):
     assert "linear_only" in registry.get("solver", "gmres").spec.capabilities
 
 
+@pytest.mark.parametrize("dtype, mode", [(torch.float32, "finite_difference"),
+                                         (torch.float64, "forward_ad")])
+def test_jvp_auto_takes_differences_below_float64(dtype, mode):
+    """jvp="auto": exact forward-AD products in float64, one call of f per product below; both
+    converge, and the products are what the record says."""
+    gen = torch.Generator().manual_seed(3)
+    W = (0.3 * torch.randn(6, 6, generator=gen, dtype=D64) / 6 ** 0.5).to(dtype)
+    b = torch.randn(4, 6, generator=gen, dtype=D64).to(dtype)
+    sol = implicit.solve(lambda z: torch.tanh(z @ W.T + b), torch.zeros(4, 6, dtype=dtype),
+                         solver=nk("torch"), tol=1e-5, max_iter=50)
+    assert sol.all_converged and sol.stats["jvp"] == mode and sol.njvp > 0
+
+
+def test_finite_difference_products_match_exact_ones():
+    """(I − J) v by differences against the dense Jacobian, to √eps of float32."""
+    from implicit.solver import Evaluator
+    from implicit_solvers.newton_krylov import _TorchState
+
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(5, 5, generator=gen) / 5 ** 0.5
+    z = torch.randn(3, 5, generator=gen)
+    v = torch.randn(3, 5, generator=gen)
+
+    def f(x):
+        return torch.tanh(x @ W.T)
+
+    fn = Evaluator(f, budget=100)
+    solver = nk("torch", jvp="finite_difference")
+    got = solver._matvec(fn, z, f(z), 1 + z.norm(dim=1), v, _TorchState(
+        jvp_mode="finite_difference"))
+    J = torch.stack([torch.autograd.functional.jacobian(f, z[i:i + 1]).reshape(5, 5)
+                     for i in range(3)])
+    expected = v - torch.bmm(J, v.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-3)
+    assert not torch.allclose(got, v, atol=1e-2)  # the product is not vanishing
+
+
 def test_forward_ad_falls_back_to_finite_differences():
     class NoForwardAD(torch.autograd.Function):
         @staticmethod

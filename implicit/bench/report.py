@@ -80,6 +80,17 @@ def table(records: list[dict[str, Any]], title: str):
     return t
 
 
+def _plain_log_ticks(axis) -> None:
+    """Ticks of a log axis at 1, 2 and 5 × 10ᵏ labelled as plain numbers ("20", not
+    "2 × 10¹"), none on the minor ticks: matplotlib's default labels every minor tick on an
+    axis spanning less than a decade, and they overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def eager_twin(record: dict, records: list[dict]) -> Optional[dict]:
     """The record of the same combination with the solver not compiled."""
     c = record["combination"]
@@ -175,6 +186,7 @@ def _plot_time_nfe(ok: list[dict], out: Path, plt) -> Path:
         ax_t.barh([y + h / 2 for y in ys], [r["train_step_time_s"] * 1e3 for r in rs], h,
                   color=colors[1], label="training step (forward + backward)")
         ax_t.set_xscale("log")
+        _plain_log_ticks(ax_t.xaxis)
         low = min(min(r["forward"]["time_s"], r["train_step_time_s"]) for r in rs) * 1e3
         ax_t.set_xlim(left=low / 3)
         ax_n.barh([y - h / 2 for y in ys], [r["forward"]["n_calls"] for r in rs], h,
@@ -232,8 +244,8 @@ def _plot_matrix(records: list[dict], out: Path, plt) -> Optional[Path]:
             chosen.setdefault((_label(c, "solver"), c["workload"]), r)
     solvers = sorted({k[0] for k in chosen})
     workloads = sorted({k[1] for k in chosen})
-    if len(solvers) < 1 or len(workloads) < 1:
-        return None
+    if len(solvers) < 2 and len(workloads) < 2:
+        return None  # one cell: a heat map of it says nothing the table does not
     grid = [[float("nan")] * len(workloads) for _ in solvers]
     notes = [[""] * len(workloads) for _ in solvers]
     for (solver, workload), r in chosen.items():
@@ -268,7 +280,8 @@ def _plot_matrix(records: list[dict], out: Path, plt) -> Optional[Path]:
     ax.set_yticklabels(solvers, fontsize=9)
     ax.set_title(f"forward time to tolerance, backward {backward} (grey: no run or error)",
                  fontsize=10)
-    fig.colorbar(image, ax=ax, label="ms (log scale)")
+    bar = fig.colorbar(image, ax=ax, label="ms (log scale)")
+    _plain_log_ticks(bar.ax.yaxis)
     fig.tight_layout()
     path = out / "matrix.png"
     fig.savefig(path, dpi=110)
