@@ -198,14 +198,13 @@ def _finish(carry: tuple):
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def compiled_parts(solver, steps: int) -> types.SimpleNamespace:
-    """The compiled functions of a solve with ``solver``: ``start(z, fz) -> (carry,
-    any_active)``,
-    ``block(fn, carry, state) -> (carry, state, flags)`` of ``steps`` loop steps that skip the
-    calls of ``fn`` once no sample is active, ``plain``: the same without skipping (for maps
-    that cannot be traced into a ``torch.cond`` branch, e.g. a VJP through autograd), and
-    ``finish(carry)`` (:func:`_finish`; cached by the solver's options, the backend
-    among them, and ``steps``).
+def compiled_parts(solver, steps: int):
+    """The compiled functions of a solve with ``solver``, as attributes of a namespace:
+    ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry, state,
+    flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is active;
+    ``plain``, the same without skipping (for maps that cannot be traced into a
+    ``torch.cond`` branch, e.g. a VJP through autograd); and ``finish(carry)`` (see
+    ``_finish``). Cached by the solver's options, the backend among them, and ``steps``.
 
     Dynamo keeps the graphs it compiles per *code object*, at most ``recompile_limit`` (8) of
     them, and then runs the function eagerly for good. Every solver's block would share one
