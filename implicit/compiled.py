@@ -255,7 +255,7 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
     budget_spent = 1  # calls a block may make, counted whole: the budget is never exceeded
     going = bool(any_active)
     block = parts.block if _SKIPPABLE.get(fn.__code__, True) else parts.plain
-    while going and calls + solver.block <= solver.max_iter:
+    while going and budget_spent + solver.block <= solver.max_iter:
         try:
             carry, state, flags = block(fn, carry, state)
         except Exception:
