@@ -113,44 +113,29 @@ def _median_calls(data: dict, side: str, method: str) -> str:
     return f"{statistics.median(calls):g}" if calls else "—"
 
 
-def problems_calls() -> str:
-    """``problems`` with the median calls of F on the problems each method solved."""
+def problems(calls: bool = False) -> str:
+    """Solved / of (false convergences) per method, ours beside scipy's same family; with
+    ``calls``, the median calls of F on the problems each method solved."""
     data = _load("cpu-problems")
-    lines = ["| family | ours | solved | median calls | scipy | solved | median calls |",
-             "|---|---|---|---|---|---|---|"]
+    extra = " median calls |" if calls else ""
+    lines = [f"| family | ours | solved |{extra} scipy | solved |{extra}",
+             "|---|---|---|" + "---|" * (4 if calls else 2)]
+
+    def cells(side: str, name: str, s: dict) -> str:
+        method = name.split(":", 1)[1]
+        text = f"`{method}` | {s['solved']}/{s['of']} ({s['false_convergences']} false) |"
+        return text + (f" {_median_calls(data, side, method)} |" if calls else "")
+
     for family, sides in data["summary"].items():
         ours = [(k, v) for k, v in sides.items() if k.startswith("implicit:")]
         theirs = [(k, v) for k, v in sides.items() if k.startswith("scipy:")]
         for i, (name, s) in enumerate(ours):
-            method = name.split(":", 1)[1]
-            row = (f"| {family if i == 0 else ''} | `{method}` | {s['solved']}/{s['of']} "
-                   f"({s['false_convergences']} false) | "
-                   f"{_median_calls(data, 'implicit', method)} |")
+            row = f"| {family if i == 0 else ''} | " + cells("implicit", name, s)
             if i == 0 and theirs:
-                other, o = theirs[0]
-                other = other.split(":", 1)[1]
-                row += (f" `{other}` | {o['solved']}/{o['of']} ({o['false_convergences']} "
-                        f"false) | {_median_calls(data, 'scipy', other)} |")
+                row += " " + cells("scipy", *theirs[0])
             else:
-                row += " | | |"
+                row += " |" * (3 if calls else 2)
             lines.append(row)
-    argv = " ".join(data["config"]["argv"][1:])
-    return "\n".join(lines) + f"\n\nCommand: `implicit {argv}`.\n"
-
-
-def problems() -> str:
-    data = _load("cpu-problems")
-    lines = ["| family | ours | solved | scipy | solved |", "|---|---|---|---|---|"]
-    for family, sides in data["summary"].items():
-        ours = [(k, v) for k, v in sides.items() if k.startswith("implicit:")]
-        theirs = [(k, v) for k, v in sides.items() if k.startswith("scipy:")]
-        for i, (name, s) in enumerate(ours):
-            other = theirs[0] if i == 0 and theirs else None
-            lines.append(
-                f"| {family if i == 0 else ''} | `{name.split(':', 1)[1]}` | "
-                f"{s['solved']}/{s['of']} ({s['false_convergences']} false) | "
-                + (f"`{other[0].split(':', 1)[1]}` | {other[1]['solved']}/{other[1]['of']} "
-                   f"({other[1]['false_convergences']} false) |" if other else " | |"))
     argv = " ".join(data["config"]["argv"][1:])
     return "\n".join(lines) + f"\n\nCommand: `implicit {argv}`.\n"
 
@@ -276,7 +261,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "training-parity-digits-recheck": lambda: training_parity_digits(
         "cpu-training-parity-digits-recheck"),
     "problems": problems,
-    "problems-calls": problems_calls,
+    "problems-calls": lambda: problems(calls=True),
     "digits": digits,
     "training-parity-ablation": training_parity_ablation,
     "verify-cases": verify_cases,

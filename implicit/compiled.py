@@ -55,17 +55,12 @@ _SKIPPABLE: dict = {}
 
 
 def _meets(solver, metric: torch.Tensor, scale: torch.Tensor):
-    """``(met, imprecise)`` as in :func:`implicit.solver._meets`, as tensors."""
-    from .solver import precision_floor
+    """``(met, imprecise)`` of the eager loop's rule (:func:`implicit.solver._meets`), both as
+    tensors: the compiled carry has no room for its ``None``."""
+    from .solver import _meets as meets
 
-    tol = float(solver.tol)
-    below = metric <= tol
-    floor = precision_floor(solver.stop, scale)
-    if solver.stop != "abs":
-        return (below, torch.zeros_like(below)) if floor <= tol else (torch.zeros_like(below),
-                                                                      below)
-    precise = floor <= tol
-    return below & precise, below & ~precise
+    met, imprecise = meets(metric, scale, float(solver.tol), solver.stop)
+    return met, torch.zeros_like(met) if imprecise is None else imprecise
 
 
 #: the per-sample numbers and flags of the carry, each packed into one tensor: every tensor
