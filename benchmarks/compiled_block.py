@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     parser.add_argument("--solvers", default="forward,anderson")
     parser.add_argument("--out", type=Path, help="also write the output to DIR/output.txt")
     args = parser.parse_args(argv)
+    if args.steps < 2 or args.block < 1 or args.repeat < 1:
+        parser.error("--steps must be at least 2 (the per-step cost is the difference of a "
+                     "1-step and a --steps block), --block and --repeat at least 1")
     device = torch.device(args.device)
     lines = [f"$ python benchmarks/compiled_block.py {' '.join(argv or sys.argv[1:])}",
              f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "

@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--load-seconds", type=float, default=600.0)
     parser.add_argument("--out", type=Path, help="write results.json here")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.repeat < 1:
+        parser.error(f"--rounds and --repeat must be at least 1, got {args.rounds} and "
+                     f"{args.repeat}")
     cell, x = build(args.workload, args.cell)
     layers = {}
     for name in args.solvers.split(","):
