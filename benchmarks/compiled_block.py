@@ -20,6 +20,7 @@ and prints how much of the floor ratio each part accounts for::
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -63,16 +64,21 @@ def interleaved(cands: dict, repeat: int, device: torch.device, runs: dict) -> d
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=8, help="the long block's steps")
-    parser.add_argument("--block", type=int, default=4, help="the solve's block (as bench)")
+    parser.add_argument("--steps", type=int, default=8,
+                        help="the long run's steps (the per-step cost is the difference of 1 "
+                        "and --steps steps)")
+    parser.add_argument("--block", type=int, default=0,
+                        help="0 (default): the solve as one compiled while loop (block=None); "
+                        "k: compiled blocks of k steps")
     parser.add_argument("--repeat", type=int, default=60)
     parser.add_argument("--solvers", default="forward,anderson")
     parser.add_argument("--out", type=Path, help="also write the output to DIR/output.txt")
     args = parser.parse_args(argv)
-    if args.steps < 2 or args.block < 1 or args.repeat < 1:
+    if args.steps < 2 or args.block < 0 or args.repeat < 1:
         parser.error("--steps must be at least 2 (the per-step cost is the difference of a "
-                     "1-step and a --steps block), --block and --repeat at least 1")
+                     "1-step and a --steps run), --block at least 0 and --repeat at least 1")
     device = torch.device(args.device)
+    block = args.block or None
     lines = [f"$ python benchmarks/compiled_block.py {' '.join(argv or sys.argv[1:])}",
              f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
              f"times in µs, fastest of {args.repeat} interleaved rounds"]
@@ -96,62 +102,75 @@ def main(argv=None) -> int:
             alone = torch.compile(lambda z: fn(z))
             alone(z0)
             for name in args.solvers.split(","):
-                options = dict(tol=1e-4, max_iter=50, compile=True)
-                layer = implicit.DEQ(cell, solver=implicit.make_solver(
-                    name, block=args.block, **options), backward="ift").eval()
+                options = dict(tol=1e-4, max_iter=50, compile=True, block=block)
+                layer = implicit.DEQ(cell, solver=implicit.make_solver(name, **options),
+                                     backward="ift").eval()
                 layer(x)
                 calls = layer.solution.n_calls
-                steps_run = layer.solution.stats["loop_steps"]
-                blocks = layer.solution.stats["compiled_blocks"]
-                # tol 0: every step of the timed blocks is active (no skipped calls)
-                parts = {k: compiled.compiled_parts(implicit.make_solver(
-                    name, block=k, tol=0.0, max_iter=50, compile=True), k)
-                    for k in (1, args.steps)}
-                solver1 = implicit.make_solver(name, block=1, tol=0.0, max_iter=50,
-                                               compile=True)
-                carry, _ = parts[1].start(z0, fz0)
-                for k, p in parts.items():
-                    p.block(fn, carry, solver1.static_init(z0, fz0, fz0 - z0))
-                part = parts[args.block] if args.block in parts else compiled.compiled_parts(
-                    layer.solver, args.block)
-                t = interleaved({
+                stats = layer.solution.stats
+                # tol 0: every step of the timed runs is active (nothing skipped)
+                if block is None:
+                    # whole solves of 1 and --steps steps after the first call
+                    runs = {k: functools.partial(compiled.compiled_parts(implicit.make_solver(
+                        name, tol=0.0, max_iter=k + 1, compile=True), compiled.FALLBACK_BLOCK,
+                        device.type).whole, fn, z0, fz0) for k in (1, args.steps)}
+                    unit = "solve"
+                else:
+                    parts = {k: compiled.compiled_parts(implicit.make_solver(
+                        name, block=k, tol=0.0, max_iter=50, compile=True), k, device.type)
+                        for k in (1, args.steps)}
+                    solver1 = implicit.make_solver(name, block=1, tol=0.0, max_iter=50,
+                                                   compile=True)
+                    carry, _ = parts[1].start(z0, fz0)
+                    runs = {k: (lambda p=p: p.block(fn, carry, solver1.static_init(
+                        z0, fz0, fz0 - z0))) for k, p in parts.items()}
+                    part = compiled.compiled_parts(layer.solver, args.block, device.type)
+                    unit = "block"
+                for run in runs.values():
+                    run()
+                cands = {
                     "cell": lambda: fn(z0),
                     "cell compiled": lambda: alone(z0),
                     "first call": lambda: Evaluator(fn, budget=1)(z0),
-                    "start": lambda: part.start(z0, fz0),
-                    "block 1": lambda: parts[1].block(
-                        fn, carry, solver1.static_init(z0, fz0, fz0 - z0)),
-                    f"block {args.steps}": lambda: parts[args.steps].block(
-                        fn, carry, solver1.static_init(z0, fz0, fz0 - z0)),
-                    "finish": lambda: part.finish(carry),
+                    f"{unit} 1": runs[1],
+                    f"{unit} {args.steps}": runs[args.steps],
                     "solve": lambda: implicit.iterate(layer.solver, fn, z0),
                     "DEQ forward": lambda: layer(x),
-                }, args.repeat, device, runs={"cell": 5, "cell compiled": 5})
-                us = {k: v * 1e6 for k, v in t.items()}
-                per_step = (us[f"block {args.steps}"] - us["block 1"]) / (args.steps - 1)
-                fixed = us["block 1"] - per_step
-                floor = calls * us["cell"]
-                skipped = steps_run - (calls - 1)
-                accounted = {
-                    "first call (eager, checked)": us["first call"],
-                    f"{calls - 1} compiled steps that call f": (calls - 1) * per_step,
-                    f"{skipped} steps skipped inside a block": skipped * max(
-                        per_step - us["cell compiled"], 0.0),
-                    f"{blocks} blocks' fixed cost": blocks * fixed,
-                    "start + finish": us["start"] + us["finish"],
                 }
+                if block is not None:
+                    cands["start"] = lambda: part.start(z0, fz0)
+                    cands["finish"] = lambda: part.finish(carry)
+                t = interleaved(cands, args.repeat, device, runs={"cell": 5, "cell compiled": 5})
+                us = {k: v * 1e6 for k, v in t.items()}
+                per_step = (us[f"{unit} {args.steps}"] - us[f"{unit} 1"]) / (args.steps - 1)
+                fixed = us[f"{unit} 1"] - per_step
+                floor = calls * us["cell"]
+                accounted = {"first call (eager, checked)": us["first call"],
+                             f"{calls - 1} compiled steps that call f": (calls - 1) * per_step}
+                if block is None:
+                    head = f"{calls} calls, one compiled while loop"
+                    accounted["the loop's fixed cost (start, finish included)"] = fixed
+                else:
+                    steps_run = stats["loop_steps"]
+                    blocks = stats["compiled_blocks"]
+                    skipped = steps_run - (calls - 1)
+                    head = (f"block {args.block}: {calls} calls, {steps_run} steps, "
+                            f"{blocks} blocks")
+                    accounted[f"{skipped} steps skipped inside a block"] = skipped * max(
+                        per_step - us["cell compiled"], 0.0)
+                    accounted[f"{blocks} blocks' fixed cost"] = blocks * fixed
+                    accounted["start + finish"] = us["start"] + us["finish"]
                 rest = us["DEQ forward"] - sum(accounted.values())
-                say(f"\n{label}, {name} (block {args.block}): {calls} calls, "
-                    f"{steps_run} steps, {blocks} blocks")
+                say(f"\n{label}, {name} ({head})")
                 say(f"  eager cell call {us['cell']:8.1f}   the cell compiled alone "
                     f"{us['cell compiled']:8.1f}   compiled step {per_step:8.1f}   "
-                    f"block fixed cost {fixed:8.1f}")
+                    f"{unit} fixed cost {fixed:8.1f}")
                 say(f"  DEQ forward {us['DEQ forward']:8.1f} = floor ratio "
                     f"{us['DEQ forward'] / floor:.2f} (floor {calls} × eager cell = "
                     f"{floor:.1f}); the solve alone {us['solve'] / floor:.2f}")
                 for what, value in {**accounted,
                                     "the DEQ around the solve, and the rest": rest}.items():
-                    say(f"    {what:44s} {value:8.1f}   {value / floor:5.2f} of the floor")
+                    say(f"    {what:48s} {value:8.1f}   {value / floor:5.2f} of the floor")
                 torch._dynamo.reset()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

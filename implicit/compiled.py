@@ -1,43 +1,52 @@
-"""The compiled solve path: the solver loop as ``torch.compile``-d blocks of fixed-shape steps.
+"""The compiled solve path: the solver loop compiled, as one ``torch.while_loop`` or in blocks.
 
 On a small state (tanh d=256, batch 64) the eager loop's per-step bookkeeping — Anderson's
 history writes, Gram update, small solve, mix, the loop's norms and masks — is many small
 operations and costs several cell calls (``benchmarks/results/cpu-solvers``). A solver with
-``compile=True`` runs through :func:`iterate_compiled` instead: ``block`` steps at a time in one
-compiled function, with every per-sample rule of :func:`implicit.iterate` written as tensor
-operations inside it (masks instead of host checks), and the "all stopped?" test (one host
-synchronisation) between blocks only.
+``compile=True`` runs through :func:`iterate_compiled` instead, with every per-sample rule of
+:func:`implicit.iterate` written as tensor operations (masks instead of host checks):
+
+* ``block=None`` (default): after the first call of f, the whole solve is one compiled
+  function around a ``torch.while_loop`` that steps while any sample is active and the budget
+  has calls left (:func:`_whole`). One call into compiled code and one host synchronisation
+  per solve, exactly the eager loop's calls.
+* ``block=k``: compiled blocks of ``k`` steps, the "all stopped?" test (one host
+  synchronisation) between blocks. Each step's call of f runs under ``torch.cond`` on "is any
+  sample still active", so the steps of a block after every sample stopped make no call; the
+  budget is counted in whole blocks and its last ``max_iter − 1 mod k`` steps run eagerly, one
+  at a time, through the same step code.
+
+A map that dynamo cannot trace whole (a graph break in it, e.g. a VJP through autograd) can run
+neither in a ``torch.while_loop`` nor in a ``torch.cond`` branch: it runs in blocks (of
+:data:`FALLBACK_BLOCK` steps when ``block=None``) that make every call, and ``n_calls`` counts
+those (``stats["loop"]`` and ``stats["skipping_blocks"]`` say which path ran).
 
 What keeps the compiled graph fixed:
 
 * the solver's state has one shape for the whole solve. A solver opts in with ``static = True``
-  and :meth:`~implicit.Solver.static_init` / :meth:`~implicit.Solver.static_step`; Anderson
-  keeps its ``m`` history slots as a ring written in place (slot ``count mod m``) with the
-  unfilled slots masked out of its least squares, so nothing changes shape, and no Python
-  number changes value, as the history fills;
-* the loop's per-sample numbers and flags travel packed in four tensors (every tensor
-  argument of a compiled function is checked by its guards on every call);
+  and :meth:`~implicit.Solver.static_init` / :meth:`~implicit.Solver.static_step` (which must
+  not write into the state it is given: a ``torch.while_loop`` body may not); Anderson keeps
+  its ``m`` history slots as a ring (slot ``count mod m`` written) with the unfilled slots
+  masked out of its least squares, so nothing changes shape, and no Python number changes
+  value, as the history fills;
+* between blocks, the loop's per-sample numbers and flags travel packed in four tensors (every
+  tensor argument of a compiled function is checked by its guards on every call);
 * ``f`` is an argument of the compiled function (guarded on its code, not on the closure
   object a new batch makes), so a DEQ's per-batch map does not recompile;
 * shapes: the first call compiles for its shapes; a call with another batch size recompiles
   once with that dimension dynamic (torch's automatic dynamic shapes), and later sizes reuse
-  it. Compiled functions are cached per solver (its options) and block length, at most
-  :data:`CACHE_SIZE` of them.
+  it. Compiled functions are cached per solver (its options), block length and device type,
+  at most :data:`CACHE_SIZE` of them.
 
 Semantics are those of :func:`implicit.iterate` (per-sample stopping, best iterate, held
-non-finite and diverged samples, truthful ``nfe`` / ``n_calls``, status and policy). Each step's
-call of f runs under ``torch.cond`` on "is any sample still active", so the steps of a block
-after every sample stopped make no call (``n_calls`` is the eager loop's); a map that cannot be
-traced into a ``torch.cond`` branch (a graph break in it, e.g. a VJP through autograd) runs in
-blocks that make every call, and ``n_calls`` counts those (``stats["skipping_blocks"]`` says
-which). The budget is counted in whole blocks: the last ``max_iter − 1 mod block`` steps run
-eagerly, one at a time, through the same step code. No step-size safeguard (a cut needs a host
-check per step), no row compaction, no trace.
+non-finite and diverged samples, truthful ``nfe`` / ``n_calls``, status and policy). No
+step-size safeguard (a cut needs a host check per step), no row compaction, no trace.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 from typing import Any, Callable
 
@@ -47,11 +56,17 @@ from .solution import Solution, Status, apply_policy
 from .solver import _norms  # the eager loop's residual norms, shared
 from .state import StateSpec
 
+#: numbers the compiled functions' code names: dynamo's automatic dynamic shapes keep their
+#: record per code *name*, so two solvers' functions of one name would make the second one's
+#: options (tol, max_iter) symbolic, which a ``torch.while_loop`` cannot take in
+_SERIAL = itertools.count()
+
 #: compiled block functions kept (one per solver options × block length)
 CACHE_SIZE = 16
 
-#: maps (by code object) whose calls could not be traced into a ``torch.cond`` branch
-_SKIPPABLE: dict = {}
+#: maps (by code object) whose calls could not be traced into a ``torch.while_loop`` body or a
+#: ``torch.cond`` branch
+_TRACEABLE: dict = {}
 
 
 def _meets(solver, metric: torch.Tensor, scale: torch.Tensor):
@@ -85,8 +100,9 @@ def _pack(c: dict) -> tuple:
             torch.stack([c[k] for k in _FLAGS], dim=1), c["nfe"])
 
 
-def _start(solver, z: torch.Tensor, fz: torch.Tensor) -> tuple:
-    """The packed carry after the first call ``fz = f(z)``: the loop's rules for ``f(z0)``."""
+def _start(solver, z: torch.Tensor, fz: torch.Tensor) -> dict:
+    """The carry (unpacked) after the first call ``fz = f(z)``: the loop's rules for
+    ``f(z0)``."""
     g = fz - z
     abs_res, rel_res, scale = _norms(g, fz)
     metric = abs_res if solver.stop == "abs" else rel_res
@@ -96,7 +112,7 @@ def _start(solver, z: torch.Tensor, fz: torch.Tensor) -> tuple:
     factor = float(solver.divergence_factor)
     start_abs = torch.where(finite, abs_res, inf)
     start_size = torch.where(finite, torch.maximum(scale, abs_res), inf)
-    return _pack({
+    return {
         "z": z, "fz": fz, "best_z": z, "best_abs": abs_res, "best_rel": rel_res,
         "scale": scale, "nfe": torch.ones(z.shape[0], dtype=torch.int64, device=z.device),
         "converged": finite & met, "nonfinite": ~finite,
@@ -104,30 +120,66 @@ def _start(solver, z: torch.Tensor, fz: torch.Tensor) -> tuple:
         "held": ~finite, "active": finite & ~met,
         "limit": factor * start_abs if factor > 0 else inf,
         "size_limit": factor * start_size if factor > 0 else inf,
-    })
+    }
 
 
 def _unchanged(z: torch.Tensor) -> torch.Tensor:
     return z.clone()  # a torch.cond branch may not return its input itself
 
 
+def _step(solver, fn: Callable, c: dict, state: Any):
+    """One step of the loop on the unpacked carry ``c``: the solver's fixed-shape step (one
+    call of ``fn``), then the loop's per-sample rules as masks. Returns ``(c, state)``."""
+    keep_last = solver.returns == "last"
+    stop_abs = solver.stop == "abs"
+    active = c["active"]
+    z_new, fz_new, g_new, state = solver.static_step(fn, c["z"], c["fz"], c["fz"] - c["z"],
+                                                     state, active)
+    abs_new, rel_new, scale_new = _norms(g_new, fz_new)
+    metric_new = abs_new if stop_abs else rel_new
+    best_metric = c["best_abs"] if stop_abs else c["best_rel"]
+    finite_new = torch.isfinite(abs_new)
+    ok = active & finite_new
+    improved = ok if keep_last else ok & (metric_new < best_metric)
+    met_new, imprecise_new = _meets(solver, metric_new, scale_new)
+    over = (abs_new > c["limit"]) | (scale_new > c["size_limit"])
+    going = ok & ~met_new
+    newly_diverged = going & over
+    going = going & ~over
+    held = c["held"] | ((~finite_new | over) & ~going)
+    keep = ~held
+    return {
+        "z": torch.where(keep[:, None], z_new, c["z"]),
+        "fz": torch.where(keep[:, None], fz_new, c["fz"]),
+        "best_z": torch.where(improved[:, None], z_new, c["best_z"]),
+        "best_abs": torch.where(improved, abs_new, c["best_abs"]),
+        "best_rel": torch.where(improved, rel_new, c["best_rel"]),
+        "scale": torch.where(held, c["scale"], scale_new),
+        "nfe": c["nfe"] + active.long(),
+        "converged": c["converged"] | (ok & met_new),
+        "nonfinite": c["nonfinite"] | (active & ~finite_new),
+        "diverged": c["diverged"] | newly_diverged,
+        "imprecise": c["imprecise"] | (ok & imprecise_new),
+        "held": held,
+        "active": going,
+        "limit": c["limit"],
+        "size_limit": c["size_limit"],
+    }, state
+
+
 def _steps(solver, steps: int, fn: Callable, carry: tuple, state: Any, skip: bool = False):
-    """``steps`` steps of the loop on the packed carry: the solver's fixed-shape step, then the
-    loop's per-sample rules as masks. Returns ``(carry, state, flags)``, ``flags`` a ``(2,)``
-    int64 tensor ``[any sample still active, calls of f made]`` that the host reads between
-    blocks (one synchronisation per block).
+    """``steps`` steps of the loop on the packed carry (:func:`_step`). Returns ``(carry,
+    state, flags)``, ``flags`` a ``(2,)`` int64 tensor ``[any sample still active, calls of f
+    made]`` that the host reads between blocks (one synchronisation per block).
 
     ``skip``: each step's call of ``fn`` runs under ``torch.cond`` on "any sample active", so
     the steps of a block after every sample stopped cost the bookkeeping only, not a call
     (where ``fn`` can be traced into a branch: no graph break inside it)."""
-    keep_last = solver.returns == "last"
-    stop_abs = solver.stop == "abs"
     c = _unpack(carry)
     made = torch.zeros((), dtype=torch.int64, device=c["nfe"].device)
     for _ in range(steps):
-        active = c["active"]
         if skip:
-            anyone = active.any()
+            anyone = c["active"].any()
             made = made + anyone.long()
 
             def step_fn(z, anyone=anyone):
@@ -135,47 +187,15 @@ def _steps(solver, steps: int, fn: Callable, carry: tuple, state: Any, skip: boo
         else:
             made = made + 1
             step_fn = fn
-        z_new, fz_new, g_new, state = solver.static_step(step_fn, c["z"], c["fz"],
-                                                         c["fz"] - c["z"], state, active)
-        abs_new, rel_new, scale_new = _norms(g_new, fz_new)
-        metric_new = abs_new if stop_abs else rel_new
-        best_metric = c["best_abs"] if stop_abs else c["best_rel"]
-        finite_new = torch.isfinite(abs_new)
-        ok = active & finite_new
-        improved = ok if keep_last else ok & (metric_new < best_metric)
-        met_new, imprecise_new = _meets(solver, metric_new, scale_new)
-        over = (abs_new > c["limit"]) | (scale_new > c["size_limit"])
-        going = ok & ~met_new
-        newly_diverged = going & over
-        going = going & ~over
-        held = c["held"] | ((~finite_new | over) & ~going)
-        keep = ~held
-        c = {
-            "z": torch.where(keep[:, None], z_new, c["z"]),
-            "fz": torch.where(keep[:, None], fz_new, c["fz"]),
-            "best_z": torch.where(improved[:, None], z_new, c["best_z"]),
-            "best_abs": torch.where(improved, abs_new, c["best_abs"]),
-            "best_rel": torch.where(improved, rel_new, c["best_rel"]),
-            "scale": torch.where(held, c["scale"], scale_new),
-            "nfe": c["nfe"] + active.long(),
-            "converged": c["converged"] | (ok & met_new),
-            "nonfinite": c["nonfinite"] | (active & ~finite_new),
-            "diverged": c["diverged"] | newly_diverged,
-            "imprecise": c["imprecise"] | (ok & imprecise_new),
-            "held": held,
-            "active": going,
-            "limit": c["limit"],
-            "size_limit": c["size_limit"],
-        }
+        c, state = _step(solver, step_fn, c, state)
     return _pack(c), state, torch.stack([c["active"].any().long(), made])
 
 
-def _finish(carry: tuple):
+def _finish(c: dict):
     """``(best_z, best_abs, best_rel, converged, codes, summary)`` from the final carry, each
     its own tensor (not a view into the packed carry): per-sample status codes and the
     float64 ``summary = [worst code, samples below attainable precision, their largest
     ‖f(z)‖]``, read by the host in one transfer."""
-    c = _unpack(carry)
     codes = torch.full_like(c["nfe"], Status.MAX_ITER.code)
     codes = torch.where(c["diverged"], Status.DIVERGED.code, codes)
     codes = torch.where(c["nonfinite"], Status.NONFINITE.code, codes)
@@ -192,30 +212,86 @@ def _finish(carry: tuple):
             c["converged"].clone(), codes, summary)
 
 
+#: what the whole-solve loop carries from step to step (``limit`` and ``size_limit`` do not
+#: change: they enter the loop's body as constants, since a carried value that a step returns
+#: unchanged would alias its input, which ``torch.while_loop`` refuses)
+_CARRIED = ("z", "fz", "best_z", "nfe", "best_abs", "best_rel", "scale") + _FLAGS
+
+
+def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor):
+    """The whole solve after the first call ``fz = f(z)``, as one ``torch.while_loop``: steps
+    while any sample is active and the budget has calls left, so the loop makes exactly the
+    eager loop's calls, with no host synchronisation until it is over. Returns ``_finish``'s
+    tuple with ``summary`` extended by the calls made (the first one included), then ``nfe``
+    and the solver's final state."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    c = _start(solver, z, fz)
+    constants = {"limit": c["limit"], "size_limit": c["size_limit"]}
+    leaves, tree = torch.utils._pytree.tree_flatten(solver.static_init(z, fz, fz - z))
+    n = len(_CARRIED)
+    active = _CARRIED.index("active")
+    budget = int(solver.max_iter)
+
+    def more(calls, *carried):
+        return carried[active].any() & (calls < budget)
+
+    def step(calls, *carried):
+        c = {**dict(zip(_CARRIED, carried[:n])), **constants}
+        c, state = _step(solver, fn, c, torch.utils._pytree.tree_unflatten(
+            list(carried[n:]), tree))
+        return (calls + 1, *[c[k] for k in _CARRIED],
+                *torch.utils._pytree.tree_flatten(state)[0])
+
+    # each carried tensor its own (z is also best_z at the start: inputs may not alias)
+    calls, *carried = while_loop(more, step, (
+        torch.ones((), dtype=torch.int64, device=z.device),
+        *[c[k].clone() for k in _CARRIED], *[t.clone() for t in leaves]))
+    final = {**dict(zip(_CARRIED, carried[:n])), **constants}
+    *outputs, summary = _finish(final)
+    return (*outputs, torch.cat([summary, calls.double().reshape(1)]), final["nfe"],
+            torch.utils._pytree.tree_unflatten(carried[n:], tree))
+
+
+#: block length of the fallback for maps that cannot be traced into a ``torch.while_loop``
+FALLBACK_BLOCK = 4
+
+
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def compiled_parts(solver, steps: int):
+def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     """The compiled functions of a solve with ``solver``, as attributes of a namespace:
-    ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry, state,
-    flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is active;
-    ``plain``, the same without skipping (for maps that cannot be traced into a
+    ``whole(fn, z, fz)``, the whole solve after the first call (:func:`_whole`); for the
+    block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
+    state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is
+    active; ``plain``, the same without skipping (for maps that cannot be traced into a
     ``torch.cond`` branch, e.g. a VJP through autograd); and ``finish(carry)`` (see
-    ``_finish``). Cached by the solver's options, the backend among them, and ``steps``.
+    ``_finish``). Cached by the solver's options, the backend among them, ``steps`` and the
+    device type.
+
+    On CPU, inductor writes the code around its kernels in C++ (``cpp_wrapper``): in Python,
+    allocating and checking every buffer of a step cost about 30 µs a step on a tanh d=256
+    state (measured, ``benchmarks/compiled_block.py``), a third of the cell's call.
 
     Dynamo keeps the graphs it compiles per *code object*, at most ``recompile_limit`` (8) of
     them, and then runs the function eagerly for good. Every solver's block would share one
     code object — a DEQ's forward, adjoint and eval solvers, each under its grad modes and
     batch sizes, exhausted it in a measured run — so each function gets a code object of its
-    own (the same code, renamed)."""
+    own (the same code, renamed, with a serial number: see ``_SERIAL``)."""
     backend = "inductor" if solver.compile is True else solver.compile
+    options = {"cpp_wrapper": True} if backend == "inductor" and device_type == "cpu" else None
 
     def own(function, name):
-        code = function.__code__.replace(co_name=f"implicit_{name}_{solver.name}_{steps}")
+        code = function.__code__.replace(
+            co_name=f"implicit_{name}_{solver.name}_{steps}_{next(_SERIAL)}")
         renamed = types.FunctionType(code, function.__globals__, code.co_name, None,
                                      function.__closure__)
-        return torch.compile(renamed, backend=backend)
+        return torch.compile(renamed, backend=backend, options=options)
+
+    def whole(fn, z, fz):
+        return _whole(solver, fn, z, fz)
 
     def start(z, fz):
-        carry = _start(solver, z, fz)
+        carry = _pack(_start(solver, z, fz))
         return carry, carry[2][:, _FLAGS.index("active")].any()
 
     def block(fn, carry, state):
@@ -225,10 +301,50 @@ def compiled_parts(solver, steps: int):
         return _steps(solver, steps, fn, carry, state)
 
     def finish(carry):
-        return _finish(carry)
+        return _finish(_unpack(carry))
 
-    return types.SimpleNamespace(start=own(start, "start"), block=own(block, "block"),
-                                 plain=own(plain, "plain"), finish=own(finish, "finish"))
+    return types.SimpleNamespace(whole=own(whole, "whole"), start=own(start, "start"),
+                                 block=own(block, "block"), plain=own(plain, "plain"),
+                                 finish=own(finish, "finish"), steps=steps)
+
+
+def _blocks(solver, parts, fn: Callable, z: torch.Tensor, fz: torch.Tensor, skipping: bool):
+    """The block loop: compiled blocks of ``parts``' steps, "any sample active?" read between
+    blocks, the budget's remainder in eager single steps. Returns ``(finish's tuple, nfe,
+    state, calls, stats)``."""
+    carry, any_active = parts.start(z, fz)
+    state = solver.static_init(z, fz, fz - z)
+    steps = parts.steps
+    calls, blocks, eager_steps = 1, 0, 0
+    budget_spent = 1  # calls a block may make, counted whole: the budget is never exceeded
+    going = bool(any_active)
+    block = parts.block if skipping else parts.plain
+    while going and budget_spent + steps <= solver.max_iter:
+        try:
+            carry, state, flags = block(fn, carry, state)
+        except Exception:
+            # a map that cannot run inside a torch.cond branch (a graph break in it): blocks
+            # that make every call; a map that fails either way raises from the plain block
+            if block is parts.plain:
+                raise
+            _TRACEABLE[fn.__code__] = False
+            block = parts.plain
+            carry, state, flags = block(fn, carry, state)
+        going, made = flags.tolist()
+        calls += made
+        budget_spent += steps
+        blocks += 1
+    while going and budget_spent < solver.max_iter:
+        carry, state, flags = _steps(solver, 1, fn, carry, state)
+        calls += 1
+        budget_spent += 1
+        eager_steps += 1
+        going = bool(flags[0])
+    *outputs, summary = parts.finish(carry)
+    stats = {"loop": "blocks", "block": steps, "loop_steps": budget_spent - 1,
+             "compiled_blocks": blocks, "skipping_blocks": block is parts.block,
+             "eager_steps": eager_steps}
+    return (*outputs, summary), carry[3], state, calls, stats
 
 
 def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
@@ -239,50 +355,39 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
     if not type(solver).static:
         raise TypeError(f"solver {solver.name!r} has no fixed-shape step; compile=True works "
                         "with solvers that set static = True (forward, anderson)")
-    parts = compiled_parts(solver, int(solver.block))
+    steps = int(solver.block) if solver.block is not None else FALLBACK_BLOCK
+    parts = compiled_parts(solver, steps, z0.device.type)
     # the first call eagerly, through the loop's own checks: f's shape, and that f does not
-    # write into its iterate (in the compiled blocks such a write would be traced silently)
+    # write into its iterate (in compiled code such a write would be traced silently)
     z = z0.contiguous()
     fz = Evaluator(fn, budget=1)(z).contiguous()
-    carry, any_active = parts.start(z, fz)
-    state = solver.static_init(z, fz, fz - z)
-    calls, blocks, eager_steps = 1, 0, 0
-    budget_spent = 1  # calls a block may make, counted whole: the budget is never exceeded
-    going = bool(any_active)
-    block = parts.block if _SKIPPABLE.get(fn.__code__, True) else parts.plain
-    while going and budget_spent + solver.block <= solver.max_iter:
+    traceable = _TRACEABLE.get(fn.__code__, True)
+    result = None
+    if solver.block is None and traceable:
         try:
-            carry, state, flags = block(fn, carry, state)
+            result = parts.whole(fn, z, fz)
         except Exception:
-            # a map that cannot run inside a torch.cond branch (a graph break in it): blocks
-            # that make every call; a map that fails either way raises from the plain block
-            if block is parts.plain:
-                raise
-            _SKIPPABLE[fn.__code__] = False
-            block = parts.plain
-            carry, state, flags = block(fn, carry, state)
-        going, made = flags.tolist()
-        calls += made
-        budget_spent += solver.block
-        blocks += 1
-    while going and budget_spent < solver.max_iter:
-        carry, state, flags = _steps(solver, 1, fn, carry, state)
-        calls += 1
-        budget_spent += 1
-        eager_steps += 1
-        going = bool(flags[0])
-
-    best_z, best_abs, best_rel, converged, codes, summary = parts.finish(carry)
-    worst, below, precision_scale = summary.tolist()
-    stats = {**solver.static_stats(state), "loop_steps": budget_spent - 1,
-             "compiled_blocks": blocks, "skipping_blocks": block is parts.block,
-             "eager_steps": eager_steps}
+            # a map that cannot be traced into a torch.while_loop (a graph break in it, e.g.
+            # a VJP through autograd): the block loop, whose blocks make every call
+            _TRACEABLE[fn.__code__] = traceable = False
+    if result is not None:
+        *outputs, summary, nfe, state = result
+        summary = summary.tolist()
+        calls = int(summary.pop())
+        stats = {"loop": "while", "loop_steps": calls - 1}
+    else:
+        (*outputs, summary), nfe, state, calls, stats = _blocks(
+            solver, parts, fn, z, fz, skipping=traceable)
+        summary = summary.tolist()
+    best_z, best_abs, best_rel, converged, codes = outputs
+    worst, below, precision_scale = summary
+    stats = {**solver.static_stats(state), **stats}
     if below:
         stats["below_precision"] = int(below)
         stats["precision_scale"] = precision_scale
     record = Solution(
         z=spec.unflatten(best_z.detach()) if spec is not None else best_z.detach(),
-        nfe=carry[3],
+        nfe=nfe,
         abs_residual=best_abs.detach(),
         rel_residual=best_rel.detach(),
         converged=converged,

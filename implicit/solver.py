@@ -117,11 +117,14 @@ class Solver(abc.ABC):
     check_every: Optional[int] = attrs.field(
         default=None, validator=v.optional(positive_int)
     )
-    #: run the solve as ``torch.compile``-d blocks of ``block`` fixed-shape steps
-    #: (:mod:`implicit.compiled`; solvers with ``static = True``): True (inductor) or the
-    #: name of a torch.compile backend ("eager", "aot_eager": tracing without code generation)
+    #: run the solve ``torch.compile``-d (:mod:`implicit.compiled`; solvers with ``static =
+    #: True``): True (inductor) or the name of a torch.compile backend ("eager", "aot_eager":
+    #: tracing without code generation)
     compile: Union[bool, str] = attrs.field(default=False, validator=_compile_ok)
-    block: int = attrs.field(default=4, validator=positive_int)
+    #: with compile: None, the whole solve as one compiled ``torch.while_loop`` (stops tested
+    #: on the device after every step); an int k, compiled blocks of k steps with the test
+    #: on the host between blocks
+    block: Optional[int] = attrs.field(default=None, validator=v.optional(positive_int))
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:
         """Algorithm state after the first evaluation ``fz = f(z)``; default: none."""
@@ -154,7 +157,8 @@ class Solver(abc.ABC):
     def static_step(self, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor,
                     state: Any, active: torch.Tensor):
         """One step of the compiled path: exactly one call of ``fn`` on the whole batch, no
-        host synchronisation, no Python value that changes from step to step; returns
+        host synchronisation, no Python value that changes from step to step, and no write into
+        the tensors of ``state`` (the step runs inside a ``torch.while_loop``); returns
         ``(z_next, fz_next, g_next, state)`` with ``g_next = fz_next − z_next``. ``active``:
         the ``(B,)`` mask of samples the loop still counts."""
         raise NotImplementedError(f"solver {self.name!r} has no fixed-shape step")

@@ -30,7 +30,7 @@ def _problem(batch: int = 10, n: int = 6, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("name", ["forward", "anderson"])
-@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("block", [None, 1, 4])
 @pytest.mark.parametrize("stop", ["abs", "rel"])
 def test_compiled_solve_keeps_the_eager_record(name, block, stop):
     fn = _problem()
@@ -47,15 +47,25 @@ def test_compiled_solve_keeps_the_eager_record(name, block, stop):
     torch.testing.assert_close(c.abs_residual, e.abs_residual, rtol=1e-6, atol=1e-12,
                                equal_nan=True)
     assert c.status is e.status
-    # a block's steps after every sample stopped skip their calls: the eager loop's count
-    assert c.n_calls == e.n_calls and c.stats["skipping_blocks"]
-    assert c.stats["compiled_blocks"] >= 1
+    assert c.n_calls == e.n_calls
+    if block is None:  # one while loop, stopping when every sample has
+        assert c.stats["loop"] == "while" and c.stats["loop_steps"] == e.n_calls - 1
+    else:  # a block's steps after every sample stopped skip their calls: the eager count
+        assert c.stats["loop"] == "blocks" and c.stats["skipping_blocks"]
+        assert c.stats["compiled_blocks"] >= 1
     if name == "anderson":
         assert c.stats["fallbacks"] == e.stats["fallbacks"]
 
 
 def test_compiled_solve_stays_within_the_budget():
     fn = _problem()
+    solver = implicit.make_solver("anderson", compile="aot_eager", tol=0.0, max_iter=7,
+                                  policy="ignore")
+    sol = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
+    # f(z0), then the while loop to the budget's last call
+    assert sol.n_calls == 7 and sol.stats["loop"] == "while" and sol.stats["loop_steps"] == 6
+    assert int(sol.nfe.max()) == 7 and sol.status is not Status.CONVERGED
+
     solver = implicit.make_solver("forward", compile="aot_eager", block=4, tol=0.0,
                                   max_iter=10, policy="ignore")
     sol = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
@@ -65,9 +75,11 @@ def test_compiled_solve_stays_within_the_budget():
     assert int(sol.nfe.max()) == 10 and sol.status is not Status.CONVERGED
 
 
-def test_a_map_with_a_graph_break_runs_in_blocks_that_make_every_call():
-    """A map dynamo cannot trace whole (here a host read) cannot run inside the torch.cond
-    that skips calls; the solve falls back to blocks that make every call, same record."""
+@pytest.mark.parametrize("block", [None, 4])
+def test_a_map_with_a_graph_break_runs_in_blocks_that_make_every_call(block):
+    """A map dynamo cannot trace whole (here a host read) cannot run inside a torch.while_loop
+    or the torch.cond that skips calls; the solve falls back to blocks that make every call
+    (of 4 steps when block=None), same record."""
     A = _problem()
 
     def fn(z):
@@ -75,24 +87,26 @@ def test_a_map_with_a_graph_break_runs_in_blocks_that_make_every_call():
             return z
         return A(z)
 
-    solver = implicit.make_solver("forward", compile="aot_eager", block=4, tol=1e-8,
+    solver = implicit.make_solver("forward", compile="aot_eager", block=block, tol=1e-8,
                                   stop="abs", max_iter=45, policy="ignore")
     eager = implicit.iterate(attrs.evolve(solver, compile=False), fn,
                              torch.zeros(10, 6, dtype=torch.float64)).solution
     sol = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
-    assert not sol.stats["skipping_blocks"]
+    assert sol.stats["loop"] == "blocks" and not sol.stats["skipping_blocks"]
+    assert sol.stats["block"] == 4
     assert torch.equal(sol.nfe, eager.nfe) and sol.n_calls >= eager.n_calls
     torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-10)
 
 
-def test_new_maps_and_batch_sizes_do_not_recompile_forever():
+@pytest.mark.parametrize("block", [None, 3])
+def test_new_maps_and_batch_sizes_do_not_recompile_forever(block):
     """A DEQ makes a new closure over each batch's injection: guarded on its code, not its
     identity. A second batch size compiles once more (dynamic batch), later sizes reuse it."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     cell = implicit.make_cell("tanh", features=8)
-    solver = implicit.make_solver("anderson", compile="eager", block=3, tol=1e-6, max_iter=20,
-                                  policy="ignore")
+    solver = implicit.make_solver("anderson", compile="eager", block=block, tol=1e-6,
+                                  max_iter=20, policy="ignore")
     frames = []
     for batch in (4, 4, 6, 9, 5, 4):
         with torch.no_grad():
@@ -117,8 +131,9 @@ def test_compiled_path_refusals_are_clear():
 
 
 def test_deq_training_step_compiled_with_inductor_matches_eager():
-    """The real thing: inductor compiles the forward and adjoint blocks of a DEQ on a small
-    tanh cell; z*, records and gradients are the eager ones within round-off."""
+    """The real thing: inductor compiles the forward solve (one while loop) and the adjoint
+    (blocks: its VJP is a graph break) of a DEQ on a small tanh cell; z*, records and
+    gradients are the eager ones within round-off."""
     torch.manual_seed(0)
     cell = implicit.make_cell("tanh", features=8)
     x = torch.randn(6, 8)
@@ -126,7 +141,7 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
     for compiled in (False, True):
         # the adjoint compiles only when ift is given a compiled solver (by default a compiled
         # forward solver's adjoint runs eagerly: its VJPs are graph breaks)
-        solver = implicit.make_solver("anderson", compile=compiled, block=4)
+        solver = implicit.make_solver("anderson", compile=compiled)
         backward = implicit.make_backward("ift", solver=solver) if compiled else "ift"
         layer = implicit.DEQ(cell, solver=solver, backward=backward, tol=1e-5, max_iter=40)
         xr = x.clone().requires_grad_()
@@ -136,7 +151,8 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
         records[compiled] = (z.detach(), layer.solution, layer.backward_solution)
         cell.zero_grad()
     (z0, s0, b0), (z1, s1, b1) = records[False], records[True]
-    assert s1.stats["compiled_blocks"] >= 1 and b1.stats["compiled_blocks"] >= 1  # both
+    assert s1.stats["loop"] == "while" and b1.stats["loop"] == "blocks"
+    assert b1.stats["compiled_blocks"] >= 1
     torch.testing.assert_close(z1, z0, rtol=0, atol=1e-5)
     assert torch.equal(s1.nfe, s0.nfe) and s1.all_converged and b1.all_converged
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-5)

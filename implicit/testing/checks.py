@@ -84,7 +84,8 @@ class Case:
                 options["safeguard"] = None
             from hypothesis import strategies as st
 
-            options["block"] = draw(st.sampled_from([1, 3, 8]), label="block")
+            # None: the whole solve as one while loop (the default); k: blocks of k steps
+            options["block"] = draw(st.sampled_from([None, 1, 3, 8]), label="block")
         return options
 
     def example(self, draw, dtype: torch.dtype) -> CellExample:
@@ -311,11 +312,12 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
              f"converged={sol.converged.tolist()}")
     # the loop tests "all done?" every check_every steps (1 with host checks, else 4), so at
     # most check_every − 1 calls follow the last sample's stop; a compiled solve tests it
-    # between blocks of `block` steps
+    # after every step in its while loop (block=None), or between blocks of `block` steps,
+    # 4 when a map that cannot be traced sends a block=None solve to blocks
     every = getattr(algorithm, "check_every", None) or (
         1 if host_checks(spec.flatten(sol.z)) else 4)
     if getattr(algorithm, "compile", False):
-        every = int(algorithm.block)
+        every = int(algorithm.block or (1 if sol.stats.get("loop") == "while" else 4))
     _require(int(sol.nfe.max()) <= sol.n_calls <= int(sol.nfe.max()) + every - 1,
              f"{name}: n_calls={sol.n_calls} but the most calls any sample was active for is "
              f"{int(sol.nfe.max())} and stopping is tested every {every} steps: calls made "

@@ -225,10 +225,10 @@ class Anderson(implicit.Solver):
         return z_next, fz_next
 
     # -- the compiled path's fixed-shape step (implicit.compiled) ------------------------------
-    # The m slots are a shift register, newest last: a step drops slot 0 and appends, so no
-    # slot index (a Python number that would change from step to step) appears, and the slots
-    # not yet filled are masked out of the least squares (their rows of the system are the
-    # identity, their weights zero). Same mix as `step` up to round-off.
+    # The m slots are a ring written at slot `count mod m` (a tensor, not a Python number that
+    # would change from step to step), and the slots not yet filled are masked out of the least
+    # squares (their rows of the system are the identity, their weights zero). Same mix as
+    # `step` up to round-off.
 
     def static_init(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> dict:
         b, n = z.shape
@@ -238,35 +238,37 @@ class Anderson(implicit.Solver):
                 "fallbacks": torch.zeros(b, dtype=torch.int64, device=z.device)}
 
     def static_step(self, fn, z, fz, g, state: dict, active: torch.Tensor):
-        """The history is a ring of ``m`` slots written in place (slot ``count mod m``): one
-        row of each history written per step, where shifting the whole window copied both
-        histories every step (two of the largest loops of the compiled step). The mix does
-        not depend on the order of the slots; the unfilled ones are masked out."""
+        """The history is a ring of ``m`` slots (slot ``count mod m`` is written), updated
+        without writing into the given state: the compiled solve is a ``torch.while_loop``,
+        whose body may not mutate what it carries. The slot is a one-hot mask, not an index,
+        and the diagonal is taken by an identity mask, so the step is a few fused loops. The
+        mix does not depend on the order of the slots; the unfilled ones are masked out."""
         m = self.m
         target = fz if self.beta == 1 else torch.add(z, g, alpha=float(self.beta))
         count = state["count"]
-        slot = torch.remainder(count, m).reshape(1)
-        G, Y, gram = state["G"], state["Y"], state["gram"]
-        G.index_copy_(1, slot, g.unsqueeze(1))
-        Y.index_copy_(1, slot, target.unsqueeze(1))
-        row = dots(g, G)  # (B, m): <g_i, g>
-        gram.index_copy_(1, slot, row.unsqueeze(1))
-        gram.index_copy_(2, slot, row.unsqueeze(2))
-        count = count + 1
         slots = torch.arange(m, device=z.device)
+        slot = torch.remainder(count, m)
+        here = slots == slot  # (m,): the slot this step writes
+        G = torch.where(here[None, :, None], g.unsqueeze(1), state["G"])
+        Y = torch.where(here[None, :, None], target.unsqueeze(1), state["Y"])
+        row = dots(g, G)  # (B, m): <g_i, g>
+        gram = torch.where(here[None, :, None], row.unsqueeze(1), state["gram"])
+        gram = torch.where(here[None, None, :], row.unsqueeze(2), gram)
+        count = count + 1
         filled = slots < torch.clamp(count, max=m)
         both = filled[:, None] & filled[None, :]
         system = torch.where(both, gram, torch.zeros_like(gram))
-        diagonal = torch.diagonal(system, dim1=-2, dim2=-1)
+        eye = slots[:, None] == slots[None, :]
+        diagonal = torch.where(eye, system, torch.zeros_like(system)).sum(dim=-1)  # (B, m)
         k = torch.clamp(count, max=m).to(z.dtype)
         trace = diagonal.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
         ridge = torch.where(filled, trace * (float(self.lam) / k), torch.ones_like(diagonal))
-        system = system + torch.diag_embed(ridge)
+        system = system + torch.where(eye, ridge.unsqueeze(-1), torch.zeros_like(system))
         w, ok = _spd_solve_ones(system)
         w = torch.where(filled, w, torch.zeros_like(w))
         alpha = w / w.sum(dim=-1, keepdim=True)
         failed = ~ok | ~torch.isfinite(alpha.sum(dim=-1))
-        newest = (slots == slot).to(alpha.dtype).expand_as(alpha)
+        newest = here.to(alpha.dtype).expand_as(alpha)
         alpha = torch.where(failed[:, None], newest, alpha)
         z_next = torch.bmm(alpha.unsqueeze(1), Y).squeeze(1)
         fz_next = fn(z_next)
