@@ -6,10 +6,13 @@ one *eager* cell call). This takes one ``DEQ`` forward apart, timed interleaved 
 
 * one eager cell call (the floor's unit, timed as ``implicit bench`` times it) and the cell
   compiled alone;
-* a compiled block's cost, split by timing blocks of 1 and ``--steps`` steps into a fixed part
-  per block (the call into compiled code: guards, wrappers, allocation) and a part per step;
-* the solve's other parts: the checked first call of f, ``start``, ``finish``, and what the
-  DEQ forward adds around the solve (injection, state spec, record, policy);
+* the compiled solve's cost, split by timing runs of 1 and ``--steps`` steps into a fixed part
+  (the call into compiled code: guards, wrappers, allocation; with ``--block 0``, the default,
+  one ``torch.while_loop`` per solve, start and finish included) and a part per step; with
+  ``--block k``, the same for one block of the block loop;
+* the solve's other parts: the checked first call of f (and, for blocks, ``start`` and
+  ``finish``), and what the DEQ forward adds around the solve (injection, state spec, record,
+  policy);
 
 and prints how much of the floor ratio each part accounts for::
 

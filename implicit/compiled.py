@@ -8,7 +8,7 @@ operations and costs several cell calls (``benchmarks/results/cpu-solvers``). A 
 
 * ``block=None`` (default): after the first call of f, the whole solve is one compiled
   function around a ``torch.while_loop`` that steps while any sample is active and the budget
-  has calls left (:func:`_whole`). One call into compiled code and one host synchronisation
+  has calls left (``_whole``). One call into compiled code and one host synchronisation
   per solve, exactly the eager loop's calls.
 * ``block=k``: compiled blocks of ``k`` steps, the "all stopped?" test (one host
   synchronisation) between blocks. Each step's call of f runs under ``torch.cond`` on "is any
@@ -61,7 +61,7 @@ from .state import StateSpec
 #: options (tol, max_iter) symbolic, which a ``torch.while_loop`` cannot take in
 _SERIAL = itertools.count()
 
-#: compiled block functions kept (one per solver options × block length)
+#: sets of compiled functions kept (one per solver options × block length × device type)
 CACHE_SIZE = 16
 
 #: maps (by code object) whose calls could not be traced into a ``torch.while_loop`` body or a
@@ -260,7 +260,7 @@ FALLBACK_BLOCK = 4
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     """The compiled functions of a solve with ``solver``, as attributes of a namespace:
-    ``whole(fn, z, fz)``, the whole solve after the first call (:func:`_whole`); for the
+    ``whole(fn, z, fz)``, the whole solve after the first call (``_whole``); for the
     block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
     state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is
     active; ``plain``, the same without skipping (for maps that cannot be traced into a

@@ -61,7 +61,7 @@ def _compile_ok(instance, attribute, value) -> None:
         raise ValueError(f"solver {instance.name!r} has no fixed-shape step, so it cannot run "
                          "compiled; compile=True works with the forward and anderson solvers")
     if instance.trace:
-        raise ValueError("trace=True is not available with compile=True (the compiled blocks "
+        raise ValueError("trace=True is not available with compile=True (the compiled solve "
                          "keep no per-step record); use one or the other")
     if getattr(instance, "safeguard", None) is True:
         raise ValueError("safeguard=True is not available with compile=True (a step cut needs "
@@ -121,9 +121,9 @@ class Solver(abc.ABC):
     #: True``): True (inductor) or the name of a torch.compile backend ("eager", "aot_eager":
     #: tracing without code generation)
     compile: Union[bool, str] = attrs.field(default=False, validator=_compile_ok)
-    #: with compile: None, the whole solve as one compiled ``torch.while_loop`` (stops tested
-    #: on the device after every step); an int k, compiled blocks of k steps with the test
-    #: on the host between blocks
+    #: how a compiled solve runs; None (the default) runs the whole solve as one compiled
+    #: ``torch.while_loop``, stops tested on the device after every step, and an int k runs
+    #: compiled blocks of k steps, the test on the host between blocks
     block: Optional[int] = attrs.field(default=None, validator=v.optional(positive_int))
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:
