@@ -23,6 +23,7 @@ import torch
 from ..accelerator import host_checks
 from ..backward import Problem
 from ..cell import init_state_of, injection_of, update_of
+from ..compiled import FALLBACK_BLOCK
 from ..deq import DEQ, flat_map, solve
 from ..registry import Registry
 from ..solution import Status
@@ -313,11 +314,12 @@ def check_solver_contract(registry: Registry, solver: str, example: CellExample,
     # the loop tests "all done?" every check_every steps (1 with host checks, else 4), so at
     # most check_every − 1 calls follow the last sample's stop; a compiled solve tests it
     # after every step in its while loop (block=None), or between blocks of `block` steps,
-    # 4 when a map that cannot be traced sends a block=None solve to blocks
+    # FALLBACK_BLOCK when a map that cannot be traced sends a block=None solve to blocks
     every = getattr(algorithm, "check_every", None) or (
         1 if host_checks(spec.flatten(sol.z)) else 4)
     if getattr(algorithm, "compile", False):
-        every = int(algorithm.block or (1 if sol.stats.get("loop") == "while" else 4))
+        every = int(algorithm.block or (1 if sol.stats.get("loop") == "while"
+                                        else FALLBACK_BLOCK))
     _require(int(sol.nfe.max()) <= sol.n_calls <= int(sol.nfe.max()) + every - 1,
              f"{name}: n_calls={sol.n_calls} but the most calls any sample was active for is "
              f"{int(sol.nfe.max())} and stopping is tested every {every} steps: calls made "
