@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import stability
 from .backward import BackwardStrategy, Problem
 from .cell import Cell
+from .compiled import CompiledFallbackWarning
 from .deq import DEQ, EquilibriumWarning, solve
 from .hookspecs import hookimpl
 from .registry import (
@@ -46,6 +47,7 @@ __all__ = [
     "CellExample",
     "CellSpec",
     "ConvergenceError",
+    "CompiledFallbackWarning",
     "ConvergenceWarning",
     "FlatResult",
     "Guarantee",

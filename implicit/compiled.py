@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import itertools
 import types
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -67,6 +68,27 @@ CACHE_SIZE = 16
 #: maps (by code object) whose calls could not be traced into a ``torch.while_loop`` body or a
 #: ``torch.cond`` branch
 _TRACEABLE: dict = {}
+
+
+class CompiledFallbackWarning(UserWarning):
+    """A ``compile=True`` solve could not trace its map into a ``torch.while_loop`` body (or
+    the ``torch.cond`` that skips calls) and runs in compiled blocks that make every call."""
+
+
+def _untraceable(fn: Callable, exc: Exception, instead: str) -> None:
+    """Remember that ``fn``'s code cannot be traced whole, and say so once per code object."""
+    first = _TRACEABLE.get(fn.__code__, True)
+    _TRACEABLE[fn.__code__] = False
+    if first:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])[:300]  # dynamo's first line is often a header only
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        warnings.warn(
+            f"compile=True: the map {name} cannot be traced whole ({type(exc).__name__}: "
+            f"{reason}); {instead}. A graph break in the map (a host read, a VJP through "
+            "autograd, an untraceable call) causes this; torch._dynamo.explain(fn)(z) shows it. "
+            "The record is the same; stats['loop'] says which loop ran",
+            CompiledFallbackWarning, stacklevel=4)
 
 
 def _meets(solver, metric: torch.Tensor, scale: torch.Tensor):
@@ -322,12 +344,13 @@ def _blocks(solver, parts, fn: Callable, z: torch.Tensor, fz: torch.Tensor, skip
     while going and budget_spent + steps <= solver.max_iter:
         try:
             carry, state, flags = block(fn, carry, state)
-        except Exception:
+        except Exception as exc:
             # a map that cannot run inside a torch.cond branch (a graph break in it): blocks
             # that make every call; a map that fails either way raises from the plain block
             if block is parts.plain:
                 raise
-            _TRACEABLE[fn.__code__] = False
+            _untraceable(fn, exc, f"it runs in compiled blocks of {steps} steps that make "
+                         "every call, also after every sample has stopped")
             block = parts.plain
             carry, state, flags = block(fn, carry, state)
         going, made = flags.tolist()
@@ -366,10 +389,13 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
     if solver.block is None and traceable:
         try:
             result = parts.whole(fn, z, fz)
-        except Exception:
+        except Exception as exc:
             # a map that cannot be traced into a torch.while_loop (a graph break in it, e.g.
             # a VJP through autograd): the block loop, whose blocks make every call
-            _TRACEABLE[fn.__code__] = traceable = False
+            _untraceable(fn, exc, f"it runs in compiled blocks of {FALLBACK_BLOCK} steps "
+                         "instead of one torch.while_loop, with a host synchronisation per "
+                         "block")
+            traceable = False
     if result is not None:
         *outputs, summary, nfe, state = result
         summary = summary.tolist()

@@ -6,6 +6,8 @@ process, the leak contract's scans of every live object take minutes.)"""
 
 from __future__ import annotations
 
+import warnings
+
 import attrs
 import pytest
 import torch
@@ -89,10 +91,17 @@ def test_a_map_with_a_graph_break_runs_in_blocks_that_make_every_call(block):
 
     solver = implicit.make_solver("forward", compile="aot_eager", block=block, tol=1e-8,
                                   stop="abs", max_iter=45, policy="ignore")
+    implicit.compiled._TRACEABLE.pop(fn.__code__, None)  # one code for both parametrisations
     eager = implicit.iterate(attrs.evolve(solver, compile=False), fn,
                              torch.zeros(10, 6, dtype=torch.float64)).solution
-    sol = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
+    with pytest.warns(implicit.CompiledFallbackWarning,
+                      match=r"map .*fn cannot be traced whole .*compiled blocks of 4 steps"):
+        sol = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
     assert sol.stats["loop"] == "blocks" and not sol.stats["skipping_blocks"]
+    with warnings.catch_warnings():  # said once per map, not at every solve
+        warnings.simplefilter("error", implicit.CompiledFallbackWarning)
+        again = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64)).solution
+    assert torch.equal(again.nfe, sol.nfe)
     assert sol.stats["block"] == 4
     assert torch.equal(sol.nfe, eager.nfe) and sol.n_calls >= eager.n_calls
     torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-10)
