@@ -142,13 +142,13 @@ def problems(calls: bool = False) -> str:
 
 def _bench_rows(records: list[dict], *, compiled_columns: bool = False) -> list[str]:
     from implicit.bench.measure import plugin_label
-    from implicit.bench.report import payback_steps
+    from implicit.bench.report import payback_steps, speedups
 
     header = "| solver | workload | backward | fwd calls | fwd ms | floor × | train step ms |"
     rule = "|---|---|---|---|---|---|---|"
     if compiled_columns:
-        header += " compile s | paid back after |"
-        rule += "---|---|"
+        header += " compile s | × eager fwd / train | paid back after |"
+        rule += "---|---|---|"
     rows = [header, rule]
     for r in records:
         c = r["combination"]
@@ -161,9 +161,11 @@ def _bench_rows(records: list[dict], *, compiled_columns: bool = False) -> list[
                f"{r['forward']['n_calls']} | {1e3 * r['forward']['time_s']:.2f} | "
                f"{r['floor_ratio']:.2f} | {1e3 * r['train_step_time_s']:.2f} |")
         if compiled_columns:
-            steps = payback_steps(r, records)
-            row += (" — | — |" if r.get("compile_s") is None else
-                    f" {r['compile_s']:.1f} | {'never' if steps is None else f'{steps} steps'} |")
+            steps, faster = payback_steps(r, records), speedups(r, records)
+            ratio = "—" if faster is None else f"{faster[0]:.2f} / {faster[1]:.2f}"
+            row += (" — | — | — |" if r.get("compile_s") is None else
+                    f" {r['compile_s']:.1f} | {ratio} | "
+                    f"{'never' if steps is None else f'{steps} steps'} |")
         rows.append(row)
     return rows
 

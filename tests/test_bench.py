@@ -160,3 +160,31 @@ def test_cli_errors_are_clear(argv, message, tmp_path):
     )
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_a_compiled_solver_is_timed_side_by_side_with_its_eager_twin():
+    """``--compile`` rows carry their eager twin's times from the same rounds, and the speed-up
+    and payback come from those, not from a combination measured minutes apart."""
+    from implicit.bench.measure import measure
+    from implicit.bench.report import payback_steps, speedups
+
+    combo = Combination(solver="anderson", cell="tanh", workload="tanh_d256", backward="ift",
+                        solver_options={"compile": "eager"}, batch=8, repeat=3)
+    record = measure(combo)
+    assert record["error"] is None, record.get("traceback")
+    twin = record["eager_side_by_side"]
+    assert twin["n_calls"] == record["forward"]["n_calls"]  # the same solve, not compiled
+    assert len(twin["forward_times_s"]) == len(twin["train_step_times_s"]) == 3
+    assert len(record["forward"]["times_s"]) == len(record["train_step_times_s"]) == 3
+    fwd, train = speedups(record, [record])
+    assert fwd == pytest.approx(twin["forward_time_s"] / record["forward"]["time_s"])
+    assert train == pytest.approx(twin["train_step_time_s"] / record["train_step_time_s"])
+    # a separate eager record of the same combination does not override the paired times
+    slow = {"combination": {**record["combination"], "solver_options": {}}, "error": None,
+            "forward": {"time_s": 1e3}, "train_step_time_s": 1e3}
+    assert speedups(record, [slow, record]) == (fwd, train)
+    faster = dict(record, compile_s=10.0, train_step_time_s=1.0,
+                  eager_side_by_side={**twin, "train_step_time_s": 1.5})
+    assert payback_steps(faster, [slow, faster]) == 20  # 10 s / (1.5 - 1.0) s per step
+    assert payback_steps(dict(faster, eager_side_by_side=None), [slow, faster]) == 1
+    assert measure(attrs.evolve(combo, solver_options={}))["eager_side_by_side"] is None

@@ -220,6 +220,14 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     layer = DEQ(cell, solver=solver,
                 backward=registry.make("backward", combo.backward, **combo.backward_options))
     layer.train()
+    # a compiled solver is also timed against its eager twin on the same cell, round by round
+    # in the same loops (the order alternating), so that "faster than eager" and the payback of
+    # the compile time compare like with like on a machine whose speed drifts
+    twin = None
+    if solver.compile:
+        twin = DEQ(cell, solver=attrs.evolve(solver, compile=False, block=None),
+                   backward=registry.make("backward", combo.backward, **combo.backward_options))
+        twin.train()
 
     with torch.no_grad():
         u = injection_of(cell, x)
@@ -268,24 +276,42 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
 
     # time to tolerance (forward, no graph), each repeat right after timing single cell
     # evaluations, so the floor ratio compares like with like on a noisy machine
-    fwd_times, cell_times = [], []
+    fwd_times, cell_times, twin_fwd_times = [], [], []
+    timed_layers = [(layer, fwd_times)] + ([(twin, twin_fwd_times)] if twin else [])
     with torch.no_grad():
         timed(lambda: update_of(cell, z0, u), device, 1, warmup=2)  # warm up kernels
-        layer(x)
-        for _ in range(combo.repeat):
+        for each, _ in timed_layers:
+            each(x)
+        for i in range(combo.repeat):
             cell_times += timed(lambda: update_of(cell, z0, u), device, 5, warmup=0)
-            fwd_times += timed(lambda: layer(x), device, 1, warmup=0)
+            for each, times in (timed_layers if i % 2 == 0 else timed_layers[::-1]):
+                times += timed(lambda: each(x), device, 1, warmup=0)
     fwd = layer.solution
     # noise on a shared machine only ever adds time: the floor ratio compares the fastest
     # forward with the fastest single cell evaluation, both measured interleaved
     floor_ratio = min(fwd_times) / (fwd.n_calls * min(cell_times))
-    train_fwd, train_bwd = [], []
-    _grads(layer, x, weight, spec)  # warm-up
-    for _ in range(combo.repeat):
-        t_fwd, t_bwd = _grads(layer, x, weight, spec, timing=device)
-        train_fwd.append(t_fwd)
-        train_bwd.append(t_bwd)
+    train = {id(each): ([], []) for each, _ in timed_layers}
+    for each, _ in timed_layers:
+        _grads(each, x, weight, spec)  # warm-up
+    for i in range(combo.repeat):
+        for each, _ in (timed_layers if i % 2 == 0 else timed_layers[::-1]):
+            t_fwd, t_bwd = _grads(each, x, weight, spec, timing=device)
+            train[id(each)][0].append(t_fwd)
+            train[id(each)][1].append(t_bwd)
+    train_fwd, train_bwd = train[id(layer)]
     train_times = [a + b for a, b in zip(train_fwd, train_bwd)]
+    side_by_side = None
+    if twin is not None:
+        twin_train = [a + b for a, b in zip(*train[id(twin)])]
+        side_by_side = {
+            "forward_time_s": statistics.median(twin_fwd_times),
+            "forward_times_s": twin_fwd_times,
+            "n_calls": twin.solution.n_calls,
+            "floor_ratio": min(twin_fwd_times) / (twin.solution.n_calls * min(cell_times)),
+            "train_step_time_s": statistics.median(twin_train),
+            "train_step_times_s": twin_train,
+            "backward_time_s": statistics.median(train[id(twin)][1]),
+        }
 
     # the true residual, recomputed by an independent call of the cell on the returned z
     with torch.no_grad():
@@ -354,6 +380,8 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "first_step_s": first_step_s,
         "compile_s": (None if first_step_s is None
                       else max(0.0, first_step_s - statistics.median(train_times))),
+        # a compiled solver's eager twin, timed in the same rounds (None for eager solvers)
+        "eager_side_by_side": side_by_side,
         "cell_eval_time_s": min(cell_times),
         "floor_ratio": floor_ratio,
         "peak_memory_bytes": int(peak_bytes),

@@ -43,6 +43,7 @@ def table(records: list[dict[str, Any]], title: str):
     has_compiled = any(r.get("compile_s") is not None for r in records)
     if has_compiled:
         t.add_column("compile s", justify="right")
+        t.add_column("× eager fwd/train", justify="right")
         t.add_column("paid back after", justify="right")
     for r in records:
         c = r["combination"]
@@ -72,8 +73,9 @@ def table(records: list[dict[str, Any]], title: str):
             row += [_fmt(cmp.get("forward_time_ratio"), ".2f"),
                     _fmt(cmp.get("train_step_time_ratio"), ".2f")]
         if has_compiled:
-            steps = payback_steps(r, records)
+            steps, faster = payback_steps(r, records), speedups(r, records)
             row += [_fmt(r.get("compile_s"), ".1f"),
+                    "-" if faster is None else f"{faster[0]:.2f}/{faster[1]:.2f}",
                     "-" if r.get("compile_s") is None else
                     ("never" if steps is None else f"{steps} steps")]
         t.add_row(*row)
@@ -103,13 +105,33 @@ def eager_twin(record: dict, records: list[dict]) -> Optional[dict]:
     return None
 
 
+def _eager_times(record: dict, records: list[dict]) -> Optional[dict]:
+    """The eager twin's times for a compiled record: those measured in the same rounds
+    (``eager_side_by_side``) where the record has them, else the twin combination's record."""
+    if record.get("eager_side_by_side"):
+        return record["eager_side_by_side"]
+    twin = eager_twin(record, records)
+    return None if twin is None else {"forward_time_s": twin["forward"]["time_s"],
+                                      "train_step_time_s": twin["train_step_time_s"]}
+
+
+def speedups(record: dict, records: list[dict]) -> Optional[tuple[float, float]]:
+    """``(forward, training step)``: the eager twin's median time ÷ the compiled one's."""
+    eager = _eager_times(record, records)
+    if record.get("compile_s") is None or eager is None:
+        return None
+    return (eager["forward_time_s"] / record["forward"]["time_s"],
+            eager["train_step_time_s"] / record["train_step_time_s"])
+
+
 def payback_steps(record: dict, records: list[dict]) -> Optional[int]:
     """Training steps after which a compiled solver's compile time is repaid by its faster
-    steps (against its eager twin); None when it is not faster."""
-    twin = eager_twin(record, records)
-    if record.get("compile_s") is None or twin is None:
+    steps (against its eager twin, timed side by side where the record has it); None when it
+    is not faster."""
+    eager = _eager_times(record, records)
+    if record.get("compile_s") is None or eager is None:
         return None
-    saved = twin["train_step_time_s"] - record["train_step_time_s"]
+    saved = eager["train_step_time_s"] - record["train_step_time_s"]
     return math.ceil(record["compile_s"] / saved) if saved > 0 else None
 
 
