@@ -154,9 +154,13 @@ def plot(records: list[dict[str, Any]], out: Path, tol: Optional[float],
     paths = []
 
     # 1. residual vs solver step, one panel per workload, one line per solver
+    # (a compiled solve has no trace of its own: its record's trace is the eager loop's, so it
+    # is drawn once, under the eager twin's name, when that twin ran too)
     by_workload: dict[str, dict[str, list]] = defaultdict(dict)
     for r in ok:
         c = r["combination"]
+        if r.get("compile_s") is not None and eager_twin(r, ok) is not None:
+            continue
         by_workload[c["workload"]].setdefault(_label(c, "solver"), r["forward"]["trace"])
     n = len(by_workload)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
