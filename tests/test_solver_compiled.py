@@ -140,9 +140,9 @@ def test_compiled_path_refusals_are_clear():
 
 
 def test_deq_training_step_compiled_with_inductor_matches_eager():
-    """The real thing: inductor compiles the forward solve (one while loop) and the adjoint
-    (blocks: its VJP is a graph break) of a DEQ on a small tanh cell; z*, records and
-    gradients are the eager ones within round-off."""
+    """The real thing: inductor compiles the forward solve and the (damped, training-mode)
+    adjoint, each one while loop (the adjoint's products by torch.func.vjp), of a DEQ on a
+    small tanh cell; z*, records and gradients are the eager ones within round-off."""
     torch.manual_seed(0)
     cell = implicit.make_cell("tanh", features=8)
     x = torch.randn(6, 8)
@@ -160,10 +160,10 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
         records[compiled] = (z.detach(), layer.solution, layer.backward_solution)
         cell.zero_grad()
     (z0, s0, b0), (z1, s1, b1) = records[False], records[True]
-    assert s1.stats["loop"] == "while" and b1.stats["loop"] == "blocks"
-    assert b1.stats["compiled_blocks"] >= 1
+    assert s1.stats["loop"] == "while" and b1.stats["loop"] == "while"
     torch.testing.assert_close(z1, z0, rtol=0, atol=1e-5)
     assert torch.equal(s1.nfe, s0.nfe) and s1.all_converged and b1.all_converged
+    assert torch.equal(b1.nfe, b0.nfe)
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(grads[True][1], grads[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -184,3 +184,39 @@ def test_a_compiled_forward_solvers_adjoint_runs_eagerly_unless_asked():
     assert not implicit.make_backward("ift").adjoint_solver(forward).compile
     explicit = implicit.make_backward("ift", solver=forward)
     assert explicit.adjoint_solver(forward).compile == "eager"
+
+
+def test_ift_compile_option_chooses_the_adjoint_loop():
+    """ift(compile=...): by default a compiled forward solver's adjoint runs eagerly (its
+    products by autograd); compile=True compiles it (products by torch.func.vjp, one while
+    loop) also behind an eager forward solve; compile=False keeps a compiled ift solver eager.
+    Damped (training) and exact (eval) adjoints give the eager gradients."""
+    torch.manual_seed(0)
+    cell = implicit.make_cell("tanh", features=8)
+    x = torch.randn(5, 8)
+    cases = {
+        "eager": ("anderson", implicit.make_backward("ift")),
+        "default": (implicit.make_solver("anderson", compile="aot_eager"),
+                    implicit.make_backward("ift")),
+        "adjoint only": ("anderson", implicit.make_backward("ift", compile="aot_eager")),
+        "never": ("forward", implicit.make_backward(
+            "ift", solver=implicit.make_solver("forward", compile="aot_eager"), compile=False)),
+    }
+    for training in (True, False):
+        grads, loops = {}, {}
+        for name, (solver, backward) in cases.items():
+            layer = implicit.DEQ(cell, solver=solver, backward=backward, tol=1e-6, max_iter=60)
+            layer.train(training)
+            xr = x.clone().requires_grad_()
+            layer(xr).square().sum().backward()
+            grads[name] = xr.grad
+            loops[name] = layer.backward_solution.stats.get("loop")
+        assert loops == {"eager": None, "default": None, "adjoint only": "while", "never": None}
+        for name, g in grads.items():
+            torch.testing.assert_close(g, grads["eager"], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"ift\(compile=True\).*'broyden' cannot be compiled"):
+        layer = implicit.DEQ(cell, solver="broyden",
+                             backward=implicit.make_backward("ift", compile=True))
+        layer(x.clone().requires_grad_()).sum().backward()
+    with pytest.raises(implicit.OptionError, match="compile must be None, True, False or a"):
+        implicit.make_backward("ift", compile=1.0)

@@ -225,8 +225,9 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # the compile time compare like with like on a machine whose speed drifts
     twin = None
     if solver.compile:
+        eager_backward = {k: v for k, v in combo.backward_options.items() if k != "compile"}
         twin = DEQ(cell, solver=attrs.evolve(solver, compile=False, block=None),
-                   backward=registry.make("backward", combo.backward, **combo.backward_options))
+                   backward=registry.make("backward", combo.backward, **eager_backward))
         twin.train()
 
     with torch.no_grad():

@@ -64,6 +64,12 @@ def _solver_or_name(instance, attribute, value):
         get_registry().get("solver", value)
 
 
+def _compile_option(instance, attribute, value):
+    if value is not None and not isinstance(value, (bool, str)):
+        raise TypeError(f"compile must be None, True, False or a torch.compile backend name, "
+                        f"got {type(value).__name__}")
+
+
 @attrs.frozen(kw_only=True)
 class ImplicitBackward(implicit.BackwardStrategy):
     """Gradient by the implicit function theorem (adjoint w = J^T w + y), any order; in training
@@ -80,6 +86,15 @@ class ImplicitBackward(implicit.BackwardStrategy):
         default=None, validator=v.optional(one_of("warn", "raise", "ignore"))
     )
     damping: float = attrs.field(default=DAMPING, validator=number_in(0, 1, high_open=True))
+    #: the adjoint solve compiled (:mod:`implicit.compiled`): None (default) only when
+    #: ``solver`` is a compiled solver; True (inductor) or a torch.compile backend name: the
+    #: adjoint solver with that ``compile`` (forward iteration, Anderson); False: never. A
+    #: compiled adjoint takes its products ``Jᵀ w`` by ``torch.func.vjp``, re-evaluating the
+    #: cell at ``z*`` in each (one more cell call per product), so the whole adjoint solve is
+    #: one ``torch.while_loop``; on a small state that is several times faster than the eager
+    #: loop, on a large one (a convolutional cell) the extra cell call costs more than it saves
+    #: (``implicit bench --compile``, docs "Compiled solves")
+    compile: Union[None, bool, str] = attrs.field(default=None, validator=_compile_option)
 
     @property
     def regularises_in_training(self) -> bool:
@@ -100,13 +115,20 @@ class ImplicitBackward(implicit.BackwardStrategy):
             "max_iter": forward_solver.max_iter if self.max_iter is None else self.max_iter,
             "policy": forward_solver.policy if self.policy is None else self.policy,
         }
-        if self.solver is None and forward_solver.compile:
-            # the adjoint's map is a VJP through autograd, a graph break in every compiled
-            # step: measured slower than the eager loop (implicit bench --compile: tanh d=256
-            # forward iteration 5.3 against 3.0 ms, ResNet 74 against 35 ms), so a compiled
-            # forward solver's adjoint runs eagerly unless ift is given a compiled solver
+        if self.compile is not None:
+            overrides["compile"] = self.compile
+        elif self.solver is None and forward_solver.compile:
+            # a compiled adjoint re-evaluates the cell in every product (see `compile`): on a
+            # convolutional cell that costs more than the loop it saves, so a compiled forward
+            # solver's adjoint runs eagerly unless asked (compile=True, or a compiled solver)
             overrides["compile"] = False
-        return attrs.evolve(base, **overrides)
+        try:
+            return attrs.evolve(base, **overrides)
+        except (TypeError, ValueError) as exc:
+            if "compile" not in overrides or not overrides["compile"]:
+                raise
+            raise type(exc)(f"ift(compile={self.compile!r}): the adjoint solver "
+                            f"{base.name!r} cannot be compiled: {exc}") from exc
 
     def __call__(self, problem: implicit.Problem, solver: implicit.Solver) -> implicit.FlatResult:
         result = self.solve_without_graph(problem, solver)
@@ -179,8 +201,15 @@ def _solve_adjoint(ctx: _Context, vjp: Callable[[torch.Tensor], torch.Tensor], y
     y_hat = (y / scale).detach()
     with torch.no_grad():
         gain = ctx.gain
-        adjoint_map = ((lambda w: vjp(w) + y_hat) if gain == 1 else
-                       (lambda w: torch.add(y_hat, vjp(w), alpha=gain)))
+        if gain == 1:
+            adjoint_map = lambda w: vjp(w) + y_hat  # noqa: E731
+        elif ctx.solver.compile:
+            # not torch.add(..., alpha=gain): inductor (torch 2.13) drops the alpha of an add
+            # whose operand comes out of a torch.func.vjp pullback (measured: the damped
+            # adjoint solved undamped, gradients 4% off)
+            adjoint_map = lambda w: y_hat + gain * vjp(w)  # noqa: E731
+        else:
+            adjoint_map = lambda w: torch.add(y_hat, vjp(w), alpha=gain)  # noqa: E731
         adjoint_rows = None
         if vjp_rows is not None:
             def adjoint_rows(w_rows, rows):
@@ -200,6 +229,19 @@ def _vjp_fn(fz: torch.Tensor, z: torch.Tensor) -> Callable[[torch.Tensor], torch
             return torch.zeros_like(w)
         (out,) = torch.autograd.grad(fz, z, w, retain_graph=True, allow_unused=True)
         return torch.zeros_like(w) if out is None else out
+
+    return vjp
+
+
+def _traceable_vjp(map_with: MapWith, z_star: torch.Tensor,
+                   inputs: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``Jᵀ w`` at ``z*`` by ``torch.func.vjp``, the map re-evaluated in every call: nothing
+    crosses calls but tensors, so a compiled adjoint solve traces it into its loop (the
+    autograd-graph product of :func:`_vjp_fn` is a graph break)."""
+
+    def vjp(w: torch.Tensor) -> torch.Tensor:
+        _, pullback = torch.func.vjp(lambda z: map_with(z, inputs), z_star)
+        return pullback(w)[0]
 
     return vjp
 
@@ -235,9 +277,15 @@ class _FixedPoint(torch.autograd.Function):
                 partial = [t if t.grad_fn is None else t.detach().requires_grad_(t.requires_grad)
                            for t in inputs]
                 fz = context.map_with(z, partial)
-            vjp_rows = (_vjp_rows_fn(context.map_with, z_saved, partial) if context.rows
-                        else None)
-            w = _solve_adjoint(context, _vjp_fn(fz, z), y, vjp_rows)
+            if context.solver.compile:
+                # products that dynamo can trace (no autograd graph across calls): the adjoint
+                # solve is one compiled while loop; no row compaction in compiled solves
+                vjp, vjp_rows = _traceable_vjp(context.map_with, z_saved.detach(), partial), None
+            else:
+                vjp = _vjp_fn(fz, z)
+                vjp_rows = (_vjp_rows_fn(context.map_with, z_saved, partial) if context.rows
+                            else None)
+            w = _solve_adjoint(context, vjp, y, vjp_rows)
             wanted = [t for t, need in zip(partial, needs) if need]
             grads = iter(
                 torch.autograd.grad(fz, wanted, w, allow_unused=True) if wanted else ()
