@@ -275,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the workloads through torchdeq (if importable)")
     bench.add_argument("--compile", action="store_true",
                        help="also run every solver that has a fixed-shape step with "
-                       "compile=True (torch.compile'd blocks), next to its eager self; the "
-                       "first training step's compile time is reported apart")
+                       "compile=True (the solve as one torch.compile'd while loop), next to its "
+                       "eager self; the first training step's compile time is reported apart "
+                       "and each compiled row is timed against its eager twin in the same "
+                       "rounds (add --backwards ift,ift:compile=True for compiled adjoints)")
     bench.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
                        help="C allocator settings for CPU timings: 'tuned' (default) keeps freed "
                        "memory instead of returning it and faulting it back in every step (as "

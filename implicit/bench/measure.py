@@ -223,8 +223,10 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # a compiled solver is also timed against its eager twin on the same cell, round by round
     # in the same loops (the order alternating), so that "faster than eager" and the payback of
     # the compile time compare like with like on a machine whose speed drifts
+    # compiled: the solver (compile=...) or the backward's own solves (ift's compile=...)
+    compiles = bool(solver.compile) or bool(getattr(layer.backward, "compile", None))
     twin = None
-    if solver.compile:
+    if compiles:
         eager_backward = {k: v for k, v in combo.backward_options.items() if k != "compile"}
         twin = DEQ(cell, solver=attrs.evolve(solver, compile=False, block=None),
                    backward=registry.make("backward", combo.backward, **eager_backward))
@@ -245,7 +247,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # A compiled solver instead takes a first full step, timed: it compiles the forward and
     # adjoint blocks (compile time is reported apart from the steady-state times below)
     first_step_s = None
-    if solver.compile:
+    if compiles:
         start = time.perf_counter()
         _grads(layer, x, weight, spec)
         sync(device)

@@ -94,13 +94,18 @@ def _plain_log_ticks(axis) -> None:
 
 
 def eager_twin(record: dict, records: list[dict]) -> Optional[dict]:
-    """The record of the same combination with the solver not compiled."""
+    """The record of the same combination with nothing compiled (neither the solver nor the
+    backward's own solves)."""
+    def eager(options: dict) -> dict:
+        return {k: v for k, v in options.items() if k != "compile"}
+
     c = record["combination"]
-    options = {k: v for k, v in c.get("solver_options", {}).items() if k != "compile"}
+    plain = ("solver_options", "backward_options")
     for r in records:
         o = r["combination"]
-        if (not r.get("error") and o.get("solver_options", {}) == options
-                and all(o.get(k) == c.get(k) for k in c if k != "solver_options")):
+        if (r is not record and not r.get("error")
+                and all(o.get(k, {}) == eager(c.get(k, {})) for k in plain)
+                and all(o.get(k) == c.get(k) for k in c if k not in plain)):
             return r
     return None
 
