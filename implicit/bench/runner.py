@@ -65,6 +65,9 @@ def machine_info(device: str) -> dict[str, Any]:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        # how torch.compile ran (e.g. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: cold compile times)
+        "compile_env": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE"))},
     }
     try:
         from importlib.metadata import version
