@@ -224,7 +224,9 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # in the same loops (the order alternating), so that "faster than eager" and the payback of
     # the compile time compare like with like on a machine whose speed drifts
     # compiled: the solver (compile=...) or the backward's own solves (ift's compile=...)
-    compiles = bool(solver.compile) or bool(getattr(layer.backward, "compile", None))
+    backward_compile = getattr(layer.backward, "compile", None)
+    compiles = bool(solver.compile) or (isinstance(backward_compile, (bool, str))
+                                        and bool(backward_compile))
     twin = None
     if compiles:
         eager_backward = {k: v for k, v in combo.backward_options.items() if k != "compile"}
