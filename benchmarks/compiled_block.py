@@ -8,10 +8,10 @@ one *eager* cell call). This takes one ``DEQ`` forward apart, timed interleaved 
   compiled alone;
 * the compiled solve's cost, split by timing runs of 1 and ``--steps`` steps into a fixed part
   (the call into compiled code: guards, wrappers, allocation; with ``--block 0``, the default,
-  one ``torch.while_loop`` per solve, start and finish included) and a part per step; with
-  ``--block k``, the same for one block of the block loop;
-* the solve's other parts: the checked first call of f (and, for blocks, ``start`` and
-  ``finish``), and what the DEQ forward adds around the solve (injection, state spec, record,
+  one ``torch.while_loop`` per solve, its first call of f, start and finish included) and a
+  part per step; with ``--block k``, the same for one block of the block loop;
+* the solve's other parts: for blocks, the checked eager first call of f, ``start`` and
+  ``finish``; and what the DEQ forward adds around the solve (injection, state spec, record,
   policy);
 
 and prints how much of the floor ratio each part accounts for::
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                     # whole solves of 1 and --steps steps after the first call
                     runs = {k: functools.partial(compiled.compiled_parts(implicit.make_solver(
                         name, tol=0.0, max_iter=k + 1, compile=True), compiled.FALLBACK_BLOCK,
-                        device.type).whole, fn, z0, fz0) for k in (1, args.steps)}
+                        device.type).whole, fn, z0) for k in (1, args.steps)}
                     unit = "solve"
                 else:
                     parts = {k: compiled.compiled_parts(implicit.make_solver(
@@ -148,12 +148,15 @@ def main(argv=None) -> int:
                 per_step = (us[f"{unit} {args.steps}"] - us[f"{unit} 1"]) / (args.steps - 1)
                 fixed = us[f"{unit} 1"] - per_step
                 floor = calls * us["cell"]
-                accounted = {"first call (eager, checked)": us["first call"],
-                             f"{calls - 1} compiled steps that call f": (calls - 1) * per_step}
+                accounted = {}
                 if block is None:
+                    # the first call is inside the compiled solve: part of its fixed cost
                     head = f"{calls} calls, one compiled while loop"
-                    accounted["the loop's fixed cost (start, finish included)"] = fixed
+                    accounted[f"{calls - 1} compiled steps that call f"] = (calls - 1) * per_step
+                    accounted["the first call and the loop's fixed cost"] = fixed
                 else:
+                    accounted["first call (eager, checked)"] = us["first call"]
+                    accounted[f"{calls - 1} compiled steps that call f"] = (calls - 1) * per_step
                     steps_run = stats["loop_steps"]
                     blocks = stats["compiled_blocks"]
                     skipped = steps_run - (calls - 1)

@@ -6,10 +6,12 @@ operations and costs several cell calls (``benchmarks/results/cpu-solvers``). A 
 ``compile=True`` runs through :func:`iterate_compiled` instead, with every per-sample rule of
 :func:`implicit.iterate` written as tensor operations (masks instead of host checks):
 
-* ``block=None`` (default): after the first call of f, the whole solve is one compiled
+* ``block=None`` (default): the whole solve, its first call of f included, is one compiled
   function around a ``torch.while_loop`` that steps while any sample is active and the budget
   has calls left (``_whole``). One call into compiled code and one host synchronisation
-  per solve, exactly the eager loop's calls.
+  per solve, exactly the eager loop's calls. (The eager loop's checks of f — its shape, no
+  writes into its iterate — hold here by construction: such a map cannot be traced into the
+  loop, and the solve then makes its first call eagerly, through those checks.)
 * ``block=k``: compiled blocks of ``k`` steps, the "all stopped?" test (one host
   synchronisation) between blocks. Each step's call of f runs under ``torch.cond`` on "is any
   sample still active", so the steps of a block after every sample stopped make no call; the
@@ -282,7 +284,7 @@ FALLBACK_BLOCK = 4
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     """The compiled functions of a solve with ``solver``, as attributes of a namespace:
-    ``whole(fn, z, fz)``, the whole solve after the first call (``_whole``); for the
+    ``whole(fn, z)``, the whole solve, its first call of ``fn`` included (``_whole``); for the
     block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
     state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is
     active; ``plain``, the same without skipping (for maps that cannot be traced into a
@@ -309,8 +311,8 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
                                      function.__closure__)
         return torch.compile(renamed, backend=backend, options=options)
 
-    def whole(fn, z, fz):
-        return _whole(solver, fn, z, fz)
+    def whole(fn, z):
+        return _whole(solver, fn, z, fn(z))
 
     def start(z, fz):
         carry = _pack(_start(solver, z, fz))
@@ -380,22 +382,29 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
                         "with solvers that set static = True (forward, anderson)")
     steps = int(solver.block) if solver.block is not None else FALLBACK_BLOCK
     parts = compiled_parts(solver, steps, z0.device.type)
-    # the first call eagerly, through the loop's own checks: f's shape, and that f does not
-    # write into its iterate (in compiled code such a write would be traced silently)
     z = z0.contiguous()
-    fz = Evaluator(fn, budget=1)(z).contiguous()
     traceable = _TRACEABLE.get(fn.__code__, True)
-    result = None
+    result = failure = None
     if solver.block is None and traceable:
+        # the first call inside the compiled solve too. A map that the eager loop would refuse
+        # cannot get through it: one that writes into its iterate cannot be traced into the
+        # loop's body, and a wrong shape does not trace; either way the eager first call below
+        # then says what is wrong
         try:
-            result = parts.whole(fn, z, fz)
+            result = parts.whole(fn, z)
         except Exception as exc:
-            # a map that cannot be traced into a torch.while_loop (a graph break in it, e.g.
-            # a VJP through autograd): the block loop, whose blocks make every call
-            _untraceable(fn, exc, f"it runs in compiled blocks of {FALLBACK_BLOCK} steps "
-                         "instead of one torch.while_loop, with a host synchronisation per "
-                         "block")
-            traceable = False
+            failure = exc
+    fz = None
+    if result is None:
+        # the first call eagerly, through the loop's own checks: f's shape, and that f does not
+        # write into its iterate (in compiled code such a write would be traced silently)
+        fz = Evaluator(fn, budget=1)(z).contiguous()
+    if failure is not None:
+        # f runs eagerly but cannot be traced into a torch.while_loop (a graph break in it,
+        # e.g. a VJP through autograd): the block loop, whose blocks make every call
+        _untraceable(fn, failure, f"it runs in compiled blocks of {FALLBACK_BLOCK} steps "
+                     "instead of one torch.while_loop, with a host synchronisation per block")
+        traceable = False
     if result is not None:
         *outputs, summary, nfe, state = result
         summary = summary.tolist()

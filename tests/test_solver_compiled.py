@@ -169,14 +169,32 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_a_map_writing_into_its_iterate_is_refused_before_compiling():
-    def bad(z):
+@pytest.mark.parametrize("block", [None, 2])
+@pytest.mark.parametrize("backend", ["eager", True])
+def test_a_map_the_eager_loop_refuses_is_refused_compiled_too(block, backend):
+    """A map that writes into its iterate, or returns another shape, gets the eager loop's
+    error (its checked first call), not a fallback, and the caller's z0 is left as the eager
+    loop leaves it (written once, by that checked call) — also on the default path, where the
+    first call is inside the compiled solve."""
+    def writes(z):
         z.mul_(0.5)
         return z + 1
 
-    solver = implicit.make_solver("forward", compile="eager", block=2)
-    with pytest.raises(ValueError, match="f wrote in place into the iterate"):
-        implicit.iterate(solver, bad, torch.zeros(3, 2))
+    def reshapes(z):
+        return torch.cat([z, z], dim=1)
+
+    solver = implicit.make_solver("forward", compile=backend, block=block, max_iter=5)
+    for fn, message in ((writes, "f wrote in place into the iterate"),
+                        (reshapes, r"f returned shape \(3, 4\) for an iterate of shape")):
+        implicit.compiled._TRACEABLE.pop(fn.__code__, None)
+        z0, z_eager = torch.full((3, 2), 2.0), torch.full((3, 2), 2.0)
+        with pytest.raises(ValueError, match=message):
+            implicit.iterate(attrs.evolve(solver, compile=False, block=None), fn, z_eager)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", implicit.CompiledFallbackWarning)
+            with pytest.raises(ValueError, match=message):
+                implicit.iterate(solver, fn, z0)
+        assert torch.equal(z0, z_eager)
 
 
 def test_a_compiled_forward_solvers_adjoint_runs_eagerly_unless_asked():
