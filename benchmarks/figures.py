@@ -175,7 +175,9 @@ def _bench_note(data: dict) -> str:
     load = m.get("load_average_1min")
     busy = f", 1-min load average {load:.2f}" if load is not None else ""
     argv = " ".join(data["config"]["argv"][1:])
-    env = "".join(f"{k}={v} " for k, v in (m.get("compile_env") or {}).items())
+    from implicit.bench.runner import compile_environment
+
+    env = "".join(f"{k}={v} " for k, v in compile_environment(m.get("compile_env") or {}).items())
     return (f"{m['processor']}, {m['cpu_count']} CPUs{busy}, torch {m['torch']}. "
             f"Command: `{env}implicit {argv}`.")
 

@@ -188,3 +188,17 @@ def test_a_compiled_solver_is_timed_side_by_side_with_its_eager_twin():
     assert payback_steps(faster, [slow, faster]) == 20  # 10 s / (1.5 - 1.0) s per step
     assert payback_steps(dict(faster, eager_side_by_side=None), [slow, faster]) == 1
     assert measure(attrs.evolve(combo, solver_options={}))["eager_side_by_side"] is None
+
+
+def test_the_compile_environment_recorded_is_what_the_user_set():
+    """``import torch._dynamo`` sets TORCHINDUCTOR_CACHE_DIR to its default itself: not a setting
+    of the run. What the user set (e.g. cold caches) is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from implicit.bench.runner import compile_environment
+
+    env = {"TORCHINDUCTOR_CACHE_DIR": default_cache_dir(), "PATH": "/bin",
+           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    assert compile_environment(env) == {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    moved = {"TORCHINDUCTOR_CACHE_DIR": "/scratch/inductor"}
+    assert compile_environment(moved) == moved

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 import torch
@@ -52,6 +52,19 @@ class BenchConfig:
         return self.device.startswith("cpu") if self.isolate is None else self.isolate
 
 
+def compile_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``env`` that change how torch.compile runs, less the inductor cache
+    directory when it is torch's default (importing torch's compiler sets that one itself)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        default = default_cache_dir()
+    except Exception:  # another torch layout: keep whatever is set
+        default = None
+    return {k: v for k, v in sorted(env.items())
+            if k.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE"))
+            and not (k == "TORCHINDUCTOR_CACHE_DIR" and v == default)}
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -66,8 +79,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         # how torch.compile ran (e.g. TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: cold compile times)
-        "compile_env": {k: v for k, v in sorted(os.environ.items())
-                        if k.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE"))},
+        "compile_env": compile_environment(os.environ),
     }
     try:
         from importlib.metadata import version
