@@ -134,13 +134,13 @@ def main(argv=None) -> int:
                 cands = {
                     "cell": lambda: fn(z0),
                     "cell compiled": lambda: alone(z0),
-                    "first call": lambda: Evaluator(fn, budget=1)(z0),
                     f"{unit} 1": runs[1],
                     f"{unit} {args.steps}": runs[args.steps],
                     "solve": lambda: implicit.iterate(layer.solver, fn, z0),
                     "DEQ forward": lambda: layer(x),
                 }
                 if block is not None:
+                    cands["first call"] = lambda: Evaluator(fn, budget=1)(z0)
                     cands["start"] = lambda: part.start(z0, fz0)
                     cands["finish"] = lambda: part.finish(carry)
                 t = interleaved(cands, args.repeat, device, runs={"cell": 5, "cell compiled": 5})

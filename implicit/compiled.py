@@ -394,23 +394,22 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
             result = parts.whole(fn, z)
         except Exception as exc:
             failure = exc
-    fz = None
-    if result is None:
-        # the first call eagerly, through the loop's own checks: f's shape, and that f does not
-        # write into its iterate (in compiled code such a write would be traced silently)
-        fz = Evaluator(fn, budget=1)(z).contiguous()
-    if failure is not None:
-        # f runs eagerly but cannot be traced into a torch.while_loop (a graph break in it,
-        # e.g. a VJP through autograd): the block loop, whose blocks make every call
-        _untraceable(fn, failure, f"it runs in compiled blocks of {FALLBACK_BLOCK} steps "
-                     "instead of one torch.while_loop, with a host synchronisation per block")
-        traceable = False
     if result is not None:
         *outputs, summary, nfe, state = result
         summary = summary.tolist()
         calls = int(summary.pop())
         stats = {"loop": "while", "loop_steps": calls - 1}
     else:
+        # the first call eagerly, through the loop's own checks: f's shape, and that f does
+        # not write into its iterate (in compiled code such a write would be traced silently)
+        fz = Evaluator(fn, budget=1)(z).contiguous()
+        if failure is not None:
+            # f runs eagerly but cannot be traced into a torch.while_loop (a graph break in
+            # it, e.g. a VJP through autograd): the block loop, whose blocks make every call
+            _untraceable(fn, failure, f"it runs in compiled blocks of {FALLBACK_BLOCK} steps "
+                         "instead of one torch.while_loop, with a host synchronisation per "
+                         "block")
+            traceable = False
         (*outputs, summary), nfe, state, calls, stats = _blocks(
             solver, parts, fn, z, fz, skipping=traceable)
         summary = summary.tolist()
