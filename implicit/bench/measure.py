@@ -220,10 +220,10 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     layer = DEQ(cell, solver=solver,
                 backward=registry.make("backward", combo.backward, **combo.backward_options))
     layer.train()
-    # a compiled solver is also timed against its eager twin on the same cell, round by round
-    # in the same loops (the order alternating), so that "faster than eager" and the payback of
-    # the compile time compare like with like on a machine whose speed drifts
-    # compiled: the solver (compile=...) or the backward's own solves (ift's compile=...)
+    # a compiled combination (the solver's compile=..., or a backward's own, e.g. ift's) is
+    # also timed against its eager twin on the same cell, round by round in the same loops (the
+    # order alternating), so that "faster than eager" and the payback of the compile time
+    # compare like with like on a machine whose speed drifts
     backward_compile = getattr(layer.backward, "compile", None)
     compiles = bool(solver.compile) or (isinstance(backward_compile, (bool, str))
                                         and bool(backward_compile))
