@@ -27,7 +27,8 @@ class Problem:
             parameters and the injection (so to ``x``) when called with grad enabled.
         z0: the detached initial iterate.
         inputs: the tensors ``fn`` depends on that require grad (injection tensors, then the
-            cell's parameters).
+            cell's parameters); empty when the layer runs without grad (``torch.no_grad``,
+            inference), where nothing is differentiated.
         fn_with: ``fn_with(z, new_inputs)`` evaluates the map with ``inputs`` replaced (same
             order) — what higher-order implicit differentiation needs to take partials. When
             ``fn_rows`` is given it also takes ``fn_with(z_rows, new_inputs, rows)``: the map
@@ -84,7 +85,7 @@ class BackwardStrategy(abc.ABC):
         with torch.no_grad():
             result = iterate(solver, problem.fn, problem.z0, spec=problem.spec, what=problem.what,
                              fn_rows=problem.fn_rows)
-        return attrs.evolve(result, z=result.z.detach())
+        return FlatResult(z=result.z.detach(), solution=result.solution)
 
     @abc.abstractmethod
     def __call__(self, problem: Problem, solver: Solver) -> FlatResult:

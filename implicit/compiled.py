@@ -56,7 +56,7 @@ from typing import Any, Callable
 import torch
 
 from .solution import Solution, Status, apply_policy
-from .solver import _norms  # the eager loop's residual norms, shared
+from .solver import Evaluator, FlatResult, _norms  # _norms: the eager loop's residual norms
 from .state import StateSpec
 
 #: numbers the compiled functions' code names: dynamo's automatic dynamic shapes keep their
@@ -375,8 +375,6 @@ def _blocks(solver, parts, fn: Callable, z: torch.Tensor, fz: torch.Tensor, skip
 def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
                      spec: StateSpec | None = None, what: str = "solve"):
     """:func:`implicit.iterate` for a ``compile=True`` solver (see the module docstring)."""
-    from .solver import Evaluator, FlatResult
-
     if not type(solver).static:
         raise TypeError(f"solver {solver.name!r} has no fixed-shape step; compile=True works "
                         "with solvers that set static = True (forward, anderson)")

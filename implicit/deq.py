@@ -177,16 +177,25 @@ def _autocast_of(x: Any) -> Optional[tuple[str, torch.dtype]]:
     return device_type, torch.get_autocast_dtype(device_type)
 
 
+#: a context that does nothing (reusable; no allocation on the per-call path)
+_NOTHING = contextlib.nullcontext()
+
+
 def _cell_precision(amp: Optional[tuple[str, torch.dtype]]):
     if amp is None:
-        return contextlib.nullcontext()
+        return _NOTHING
     return torch.autocast(amp[0], dtype=amp[1])
 
 
 def _solver_precision(amp: Optional[tuple[str, torch.dtype]]):
     if amp is None:
-        return contextlib.nullcontext()
+        return _NOTHING
     return torch.autocast(amp[0], enabled=False)
+
+
+def _holding(cell: nn.Module, held: Mapping[str, torch.Tensor]):
+    """:func:`hold_parametrized` for ``held``, or nothing to do when it is empty."""
+    return hold_parametrized(cell, held) if held else _NOTHING
 
 
 def _full_precision(z: State) -> State:
@@ -401,7 +410,7 @@ class DEQ(nn.Module):
         cell = self.cell
         # parametrized weights (spectral/weight norm), computed once and held for the solve
         held = parametrized_tensors(cell)
-        with hold_parametrized(cell, held):
+        with _holding(cell, held):
             try:
                 u = injection_of(cell, x)
             except RuntimeError as exc:  # a raw torch error deep in the cell: say what's wrong
@@ -424,17 +433,24 @@ class DEQ(nn.Module):
             )
 
         u_leaves, rebuild_u = _tensor_leaves(u)
-        grad_u = [i for i, t in enumerate(u_leaves) if t.requires_grad]
-        named = [(n, p) for n, p in cell.named_parameters()
-                 if p.requires_grad and not (held and ".parametrizations." in f".{n}")]
-        named += [(n, t) for n, t in held.items() if t.requires_grad]
+        if torch.is_grad_enabled():
+            grad_u = [i for i, t in enumerate(u_leaves) if t.requires_grad]
+            named = [(n, p) for n, p in cell.named_parameters()
+                     if p.requires_grad and not (held and ".parametrizations." in f".{n}")]
+            named += [(n, t) for n, t in held.items() if t.requires_grad]
+        else:  # nothing is differentiated without grad: no inputs to take partials by
+            grad_u, named = [], []
         inputs = tuple(u_leaves[i] for i in grad_u) + tuple(p for _, p in named)
 
         # under autocast the cell runs in low precision; its output is cast back to the state's
         # dtype so the solver's history, mixing and residuals stay in full precision
 
-        def fn(z: State) -> State:
-            with hold_parametrized(cell, held), _cell_precision(amp):
+        if held or amp is not None:
+            def fn(z: State) -> State:
+                with _holding(cell, held), _cell_precision(amp):
+                    return _cast_like(update_of(cell, z, u), z)
+        else:  # the common case: no contexts to enter on every call
+            def fn(z: State) -> State:
                 return _cast_like(update_of(cell, z, u), z)
 
         def fn_with(z_flat: torch.Tensor, new_inputs,
@@ -465,7 +481,7 @@ class DEQ(nn.Module):
                 # active set holds, so the injection's rows are gathered once per change
                 rows_cache.update(rows=rows, u=rows_of(u, rows))
             z = sub.unflatten(z_rows)
-            with hold_parametrized(cell, held), _cell_precision(amp):
+            with _holding(cell, held), _cell_precision(amp):
                 return sub.flatten(_cast_like(update_of(cell, z, rows_cache["u"]), z),
                                    what="f(z)")
 
@@ -525,7 +541,8 @@ class DEQ(nn.Module):
     def _stability_telemetry(self, problem: Problem, z_star: torch.Tensor) -> None:
         """The Jacobian term and the spectral estimate at ``z*``, as the options ask."""
         stats = {}
-        self.jacobian_loss = None
+        if self.jacobian_loss is not None:  # (nn.Module's __setattr__ is not free)
+            self.jacobian_loss = None
         if self.training and self.jac_loss_weight > 0 and problem.needs_graph:
             draw = self.jac_loss_freq >= 1 or bool(torch.rand(()) < self.jac_loss_freq)
             if draw:

@@ -345,9 +345,7 @@ def iterate(
     if z0.dim() != 2:
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
     if solver.compile:
-        from .compiled import iterate_compiled
-
-        return iterate_compiled(solver, fn, z0, spec=spec, what=what)
+        return _compiled.iterate_compiled(solver, fn, z0, spec=spec, what=what)
     counted = Evaluator(fn, budget=solver.max_iter, fn_rows=fn_rows)
     # On CPU a host check costs nothing, so whole-batch shortcuts (skip the masking copies
     # while every sample is active) pay; on accelerators we avoid the synchronisations.
@@ -611,3 +609,7 @@ class _Best:
             rel_res=torch.where(mask, rel_res, self.rel_res),
             stop_abs=self.stop_abs,
         )
+
+
+# the compiled loop (it imports this module's names, so it comes last)
+from . import compiled as _compiled  # noqa: E402

@@ -208,12 +208,31 @@ def _parametrized_slots(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     }
 
 
+def _has_parametrizations(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules is parametrized: a walk over the
+    ``_modules`` dicts (the ``parametrizations`` ModuleDict that ``register_parametrization``
+    adds is one of them), without ``named_modules``' prefixes or ``is_parametrized``'s
+    attribute misses — a DEQ asks on every forward, and most cells have none."""
+    seen, stack = set(), [module]
+    while stack:
+        children = stack.pop()._modules
+        if isinstance(children.get("parametrizations"), nn.ModuleDict):
+            return True
+        for child in children.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return False
+
+
 def parametrized_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The current value of every parametrized tensor of ``module`` by qualified name (e.g.
     ``"W.weight"``), each computed once (with autograd history to the originals when grad is
     enabled; in training, spectral normalisation takes its one power-iteration step here)."""
     from torch.nn.utils import parametrize
 
+    if not _has_parametrizations(module):
+        return {}
     with parametrize.cached():
         return {key: getattr(sub, name) for key, (sub, name) in
                 _parametrized_slots(module).items()}

@@ -38,6 +38,10 @@ class StateSpec:
     @classmethod
     def of(cls, state: State, *, what: str = "state") -> StateSpec:
         """Read the structure of ``state``; raise ``TypeError``/``ValueError`` on bad input."""
+        if type(state) is torch.Tensor and state.dim() > 0 and state.dtype.is_floating_point:
+            # the common case, read directly (a DEQ reads its state's structure every forward)
+            return cls(container=None, shapes=(tuple(state.shape),), dtype=state.dtype,
+                       device=state.device)
         if isinstance(state, torch.Tensor):
             container, parts = None, (state,)
         elif isinstance(state, (tuple, list)) and state:

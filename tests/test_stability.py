@@ -191,6 +191,28 @@ class CountCalls(nn.Module):
         return w
 
 
+def test_parametrization_walk_agrees_with_torch_on_nested_shared_and_removed_ones():
+    # the DEQ's per-forward check (a walk over _modules) against torch's is_parametrized on
+    # every submodule: deep nesting, a submodule shared twice, a None child, and removal
+    from implicit.stability import _has_parametrizations, parametrized_tensors
+
+    def torch_says(module):
+        return any(parametrize.is_parametrized(m) for m in module.modules())
+
+    inner = nn.Linear(3, 3)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Sequential(nn.Tanh(), nn.Sequential(inner)), shared, shared)
+    model.register_module("empty", None)
+    assert _has_parametrizations(model) is torch_says(model) is False
+    parametrize.register_parametrization(inner, "weight", CountCalls())
+    assert _has_parametrizations(model) is torch_says(model) is True
+    parametrize.remove_parametrizations(inner, "weight")
+    assert _has_parametrizations(model) is torch_says(model) is False
+    parametrize.register_parametrization(shared, "bias", CountCalls())
+    assert _has_parametrizations(model) is torch_says(model) is True
+    assert set(parametrized_tensors(model)) == {"1.bias"}
+
+
 @pytest.mark.parametrize("backward", ["ift", "phantom", "unrolled"])
 def test_spectral_norm_weight_is_computed_once_per_forward_and_held(backward):
     torch.manual_seed(0)
