@@ -7,6 +7,7 @@ thread count; forward iteration kept its speed. This measures every solver the s
 
     python benchmarks/contention.py                       # ResNet quick workload, all solvers
     python benchmarks/contention.py --solvers newton_krylov --load-threads 2 --out DIR
+    python benchmarks/contention.py --cell-calls --out DIR   # the cell alone, 2 and 1 threads
 
 The load is a separate Python process multiplying 512×512 matrices in a loop with torch's
 default thread count (a training job next door), started after the idle timings and killed
@@ -19,6 +20,11 @@ How much a solve slows with the load depends on the machine as much as on the so
 2-core machine of issue 21 forward iteration, which is cell calls only, measured 2× to 7× from
 run to run — so beside each slowdown the script prints it relative to forward iteration's in
 the same rounds: 1 means "slows like a solve of cell calls".
+
+``--cell-calls`` times no solver: bursts of calls of the cell alone (the floor of every
+solver) at a few batch sizes, idle and loaded, with torch's thread count and with one thread
+(``torch.set_num_threads(1)`` in this process), each against the idle time with torch's
+thread count — what any solver's slowdown is bounded by.
 """
 
 from __future__ import annotations
@@ -99,6 +105,69 @@ def count_ops(layer, x) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
+def cell_calls(args) -> list[str]:
+    """The cell alone, idle and under the load: bursts of ``--burst`` calls at each batch size
+    of ``--batches``, with torch's thread count and with one thread; median per call over
+    ``--repeat`` bursts and ``--rounds`` idle/loaded phase pairs."""
+    from implicit.cell import init_state_of, injection_of, update_of
+
+    default_threads = torch.get_num_threads()
+    thread_counts = [default_threads] + ([1] if default_threads > 1 else [])
+    calls = {}
+    for batch in args.batches:
+        cell, x = build(args.workload, args.cell)
+        x = x[:1].expand(batch, *x.shape[1:]).clone() + 0.01 * torch.randn(batch, *x.shape[1:])
+        with torch.no_grad():
+            u, z = injection_of(cell, x), init_state_of(cell, x)
+            z = update_of(cell, z, u)  # a state off zero
+        calls[batch] = (lambda cell=cell, z=z, u=u: update_of(cell, z, u))
+
+    def phase() -> dict:
+        times = {}
+        with torch.no_grad():
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                for batch, call in calls.items():
+                    call()
+                    bursts = []
+                    for _ in range(args.repeat):
+                        start = time.perf_counter()
+                        for _ in range(args.burst):
+                            call()
+                        bursts.append((time.perf_counter() - start) / args.burst)
+                    times.setdefault((threads, batch), []).extend(bursts)
+        torch.set_num_threads(default_threads)
+        return times
+
+    idle: dict = {}
+    loaded: dict = {}
+    for _ in range(args.rounds):
+        for key, value in phase().items():
+            idle.setdefault(key, []).extend(value)
+        load = subprocess.Popen([sys.executable, "-c", LOAD.format(
+            threads=args.load_threads, seconds=args.load_seconds)])
+        try:
+            time.sleep(5.0)  # let the load start (importing torch takes seconds)
+            for key, value in phase().items():
+                loaded.setdefault(key, []).extend(value)
+        finally:
+            load.kill()
+            load.wait()
+    lines = [f"$ python benchmarks/contention.py {' '.join(args.argv)}",
+             f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.workload}: calls of the "
+             f"cell alone, median ms per call over {args.rounds} x {args.repeat} bursts of "
+             f"{args.burst}; the load: {args.load_threads or 'default'} threads",
+             f"{'threads':>7s} {'batch':>5s} {'idle':>8s} {'loaded':>8s} {'loaded/idle':>11s} "
+             f"{'loaded / idle with ' + str(default_threads) + ' threads':>30s}"]
+    for threads, batch in idle:
+        i = statistics.median(idle[threads, batch])
+        lo = statistics.median(loaded[threads, batch])
+        base = statistics.median(idle[default_threads, batch])
+        lines.append(f"{threads:7d} {batch:5d} {i * 1e3:8.2f} {lo * 1e3:8.2f} {lo / i:11.2f} "
+                     f"{lo / base:30.2f}")
+    return lines
+
+
 def merge(runs: list[dict]) -> dict:
     """One phase's timings over all rounds: the median of every timed solve."""
     times = [t for run in runs for t in run["times_s"]]
@@ -107,6 +176,20 @@ def merge(runs: list[dict]) -> dict:
     return {"median_s": statistics.median(times) if times and not timed_out else None,
             "times_s": times, "timed_out": timed_out, "n_calls": last["n_calls"],
             "njvp": last["njvp"]}
+
+
+def _thread_variants(text: str) -> list:
+    variants = []
+    for part in text.split(","):
+        if part in ("default", "none", "None"):
+            variants.append(None)
+        elif part.isdigit() and int(part) > 0:
+            variants.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"--threads takes default or a positive count, comma-separated; got "
+                f"{part!r}")
+    return variants
 
 
 def main(argv=None) -> int:
@@ -121,16 +204,37 @@ def main(argv=None) -> int:
     parser.add_argument("--load-threads", type=int, default=0,
                         help="threads of the load process (0: torch's default)")
     parser.add_argument("--load-seconds", type=float, default=600.0)
-    parser.add_argument("--out", type=Path, help="write results.json here")
+    parser.add_argument("--out", type=Path,
+                        help="write results.json here (output.txt with --cell-calls)")
+    parser.add_argument("--threads", type=_thread_variants, default=[None],
+                        help="the solvers' threads option, a comma list of variants each "
+                        "timed: default (torch's setting) or a count (default: default)")
+    parser.add_argument("--cell-calls", action="store_true",
+                        help="time calls of the cell alone instead of solves (see above)")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")],
+                        default=[4, 16], help="--cell-calls: batch sizes (default 4,16)")
+    parser.add_argument("--burst", type=int, default=20,
+                        help="--cell-calls: calls per timed burst")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.repeat < 1:
-        parser.error(f"--rounds and --repeat must be at least 1, got {args.rounds} and "
-                     f"{args.repeat}")
+    if args.rounds < 1 or args.repeat < 1 or args.burst < 1 or min(args.batches) < 1:
+        parser.error(f"--rounds, --repeat, --burst and the batch sizes must be at least 1, got "
+                     f"{args.rounds}, {args.repeat}, {args.burst} and {args.batches}")
+    if args.cell_calls:
+        args.argv = list(argv if argv is not None else sys.argv[1:])
+        lines = cell_calls(args)
+        print("\n".join(lines))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "output.txt").write_text("\n".join(lines) + "\n")
+        return 0
     cell, x = build(args.workload, args.cell)
     layers = {}
-    for name in args.solvers.split(","):
-        solver = implicit.make_solver(name, tol=1e-4, max_iter=50, policy="ignore")
-        layers[name] = implicit.DEQ(cell, solver=solver, backward="ift").eval()
+    for variant in args.threads:
+        for name in args.solvers.split(","):
+            solver = implicit.make_solver(name, tol=1e-4, max_iter=50, policy="ignore",
+                                          threads=variant)
+            label = name if variant is None else f"{name} threads={variant}"
+            layers[label] = implicit.DEQ(cell, solver=solver, backward="ift").eval()
         with torch.no_grad():
             layers[name](x)  # warm up
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
@@ -160,13 +264,22 @@ def main(argv=None) -> int:
     for name in layers:
         a, b, ratio = idle[name], loaded[name], ratios[name]
         relative = ratio / reference if ratio and reference else None
+        # a threads variant's loaded time against the same solver's idle time with torch's
+        # thread count (what the user had before choosing the option)
+        plain = idle.get(layers[name].solver.name)
+        versus_default = (b["median_s"] / plain["median_s"]
+                          if plain is not None and plain["median_s"] and b["median_s"] else None)
         shown = (f"> {args.limit:.0f} s" if b["timed_out"] else f"{b['median_s'] * 1e3:9.1f} ms")
-        print(f"{name:14s} idle {a['median_s'] * 1e3:9.1f} ms   loaded {shown:>12s}   "
+        print(f"{name:28s} idle {a['median_s'] * 1e3:9.1f} ms   loaded {shown:>12s}   "
               + (f"x{ratio:.2f}" if ratio else "(timed out)")
               + (f" ({relative:.2f} of forward's)" if relative else "")
+              + (f" (x{versus_default:.2f} of the default's idle)"
+                 if versus_default and layers[name].solver.threads is not None else "")
               + f"   calls {a['n_calls']}  jvps {a['njvp']}  ops {ops[name]}")
-        rows.append({"solver": name, "idle": a, "loaded": b, "ratio": ratio,
-                     "relative_to_forward": relative, "ops_per_solve": ops[name]})
+        rows.append({"solver": name, "threads": layers[name].solver.threads,
+                     "idle": a, "loaded": b, "ratio": ratio,
+                     "relative_to_forward": relative, "ratio_to_default_idle": versus_default,
+                     "ops_per_solve": ops[name]})
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({

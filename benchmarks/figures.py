@@ -237,7 +237,8 @@ def compiled() -> str:
 
 def contention() -> str:
     lines = ["| solver | run | tensor ops per solve | idle ms | with one CPU-bound process | "
-             "slowdown | slowdown ÷ forward's |", "|---|---|---|---|---|---|---|"]
+             "slowdown | slowdown ÷ forward's | loaded ÷ idle with torch's threads |",
+             "|---|---|---|---|---|---|---|---|"]
     commands = []
     paths = sorted((RESULTS / "cpu-contention").glob("*/results.json"),
                    key=lambda p: (p.parent.name.split("-")[0], "after" in p.parent.name))
@@ -254,9 +255,12 @@ def contention() -> str:
             relative = "—" if relative is None else f"{relative:.2f}"
             ops = row.get("ops_per_solve")
             ops = "—" if ops is None else f"{ops:,}"
+            # a threads=k row against the same solver's idle time with torch's thread count
+            versus = row.get("ratio_to_default_idle") if row.get("threads") else row["ratio"]
+            versus = "—" if versus is None else f"×{versus:.1f}"
             lines.append(f"| `{row['solver']}` | {version} | {ops} "
                          f"| {1e3 * row['idle']['median_s']:.1f} "
-                         f"| {shown} | {ratio} | {relative} |")
+                         f"| {shown} | {ratio} | {relative} | {versus} |")
     return "\n".join(lines) + "\n\n" + "; ".join(commands) + ".\n"
 
 

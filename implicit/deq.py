@@ -170,8 +170,11 @@ class _CellUpdate(nn.Module):
 
 def _autocast_of(x: Any) -> Optional[tuple[str, torch.dtype]]:
     """``(device_type, dtype)`` of the autocast active for ``x``'s device, or None."""
-    leaves, _ = _tensor_leaves(x)
-    device_type = leaves[0].device.type if leaves else "cpu"
+    if isinstance(x, torch.Tensor):
+        device_type = x.device.type
+    else:
+        leaves, _ = _tensor_leaves(x)
+        device_type = leaves[0].device.type if leaves else "cpu"
     if not torch.is_autocast_enabled(device_type):
         return None
     return device_type, torch.get_autocast_dtype(device_type)

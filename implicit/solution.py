@@ -43,10 +43,13 @@ class Status(enum.Enum):
 
     @classmethod
     def from_code(cls, code: int) -> Status:
-        for member in cls:
-            if member.code == code:
-                return member
-        raise ValueError(f"no Status with code {code}")
+        try:
+            return _BY_CODE[code]
+        except KeyError:
+            raise ValueError(f"no Status with code {code}") from None
+
+
+_BY_CODE = {member.code: member for member in Status}
 
 
 class ConvergenceWarning(RuntimeWarning):

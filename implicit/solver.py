@@ -28,6 +28,7 @@ Per-sample semantics (Bai et al. 2019 solve a batch jointly; we keep samples apa
 from __future__ import annotations
 
 import abc
+import contextlib
 import weakref
 from typing import Any, Callable, ClassVar, Optional, Union
 
@@ -66,6 +67,17 @@ def _compile_ok(instance, attribute, value) -> None:
     if getattr(instance, "safeguard", None) is True:
         raise ValueError("safeguard=True is not available with compile=True (a step cut needs "
                          "a host check per step); use safeguard=None or False")
+
+
+def _threads_ok(instance, attribute, value) -> None:
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"threads must be None or a positive int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"threads must be at least 1, got {value}")
+    if value is not None and instance.compile:
+        raise ValueError("threads is an option of the eager loop: a compiled solve's kernels "
+                         "fix their thread count when they are compiled; use one or the other")
 
 
 @attrs.frozen(kw_only=True)
@@ -125,6 +137,12 @@ class Solver(abc.ABC):
     #: ``torch.while_loop``, stops tested on the device after every step, and an int k runs
     #: compiled blocks of k steps, the test on the host between blocks
     block: Optional[int] = attrs.field(default=None, validator=v.optional(positive_int))
+    #: torch's intra-op thread count while the solve runs on CPU (the eager loop), given back
+    #: afterwards: None (the default) leaves torch's setting alone. On a CPU shared with other
+    #: busy processes, ``threads=1`` ran Newton–Krylov's solve several times faster than
+    #: torch's count of all cores (``benchmarks/contention.py --threads default,1``); idle,
+    #: slower. The count is process-wide: other threads of the process see it meanwhile
+    threads: Optional[int] = attrs.field(default=None, validator=_threads_ok)
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:
         """Algorithm state after the first evaluation ``fz = f(z)``; default: none."""
@@ -315,6 +333,21 @@ class FlatResult:
     solution: Solution
 
 
+@contextlib.contextmanager
+def _thread_count(threads: Optional[int], z0: torch.Tensor):
+    """The solver's ``threads`` option for one solve on CPU: torch's intra-op thread count
+    set to it, and given back afterwards (also when the solve raises)."""
+    default = torch.get_num_threads()
+    if threads is None or z0.device.type != "cpu" or threads == default:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(default)
+
+
 def iterate(
     solver: Solver,
     fn: FlatFn,
@@ -346,6 +379,16 @@ def iterate(
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
     if solver.compile:
         return _compiled.iterate_compiled(solver, fn, z0, spec=spec, what=what)
+    if solver.threads is None:
+        return _iterate(solver, fn, z0, spec, what, fn_rows)
+    with _thread_count(solver.threads, z0):
+        return _iterate(solver, fn, z0, spec, what, fn_rows)
+
+
+def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | None, what: str,
+             fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+             ) -> FlatResult:
+    """The eager loop of :func:`iterate`."""
     counted = Evaluator(fn, budget=solver.max_iter, fn_rows=fn_rows)
     # On CPU a host check costs nothing, so whole-batch shortcuts (skip the masking copies
     # while every sample is active) pay; on accelerators we avoid the synchronisations.

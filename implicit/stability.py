@@ -229,10 +229,10 @@ def parametrized_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The current value of every parametrized tensor of ``module`` by qualified name (e.g.
     ``"W.weight"``), each computed once (with autograd history to the originals when grad is
     enabled; in training, spectral normalisation takes its one power-iteration step here)."""
-    from torch.nn.utils import parametrize
-
     if not _has_parametrizations(module):
         return {}
+    from torch.nn.utils import parametrize
+
     with parametrize.cached():
         return {key: getattr(sub, name) for key, (sub, name) in
                 _parametrized_slots(module).items()}

@@ -295,3 +295,47 @@ def test_cutting_a_state_keeps_the_dropped_samples_counts(name, count):
     assert solver.stats(cut)[count] == 6
     assert (cut.G if name == "anderson" else cut.A).shape[0] == 2
     solver.release(cut)
+
+
+@pytest.fixture
+def two_threads():
+    """torch at two intra-op threads for the test, whatever the machine has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("solver", ["forward", "anderson", "broyden", "newton_krylov"])
+def test_threads_option_sets_the_count_for_the_solve_and_gives_it_back(solver, two_threads):
+    fn, fixed = contraction()
+    z0 = torch.zeros_like(fixed)
+    seen = []
+
+    def counting(z):
+        seen.append(torch.get_num_threads())
+        return fn(z)
+
+    plain = implicit.solve(fn, z0, solver=solver, tol=1e-10, max_iter=200)
+    one = implicit.solve(counting, z0, solver=solver, tol=1e-10, max_iter=200, threads=1)
+    assert seen and set(seen) == {1}  # every call of f, Newton–Krylov's products included
+    assert torch.get_num_threads() == 2
+    assert one.n_calls == plain.n_calls >= 2 and bool(one.converged.all())
+    torch.testing.assert_close(one.z, plain.z, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(one.z, fixed, rtol=1e-8, atol=1e-9)
+
+    def failing(z):
+        raise RuntimeError("the cell failed")
+
+    with pytest.raises(RuntimeError, match="the cell failed"):
+        implicit.solve(failing, z0, solver=solver, threads=1)
+    assert torch.get_num_threads() == 2  # given back when the solve raises too
+
+
+def test_threads_option_is_checked():
+    for bad, error in [(0, "at least 1"), (True, "positive int"), (1.5, "positive int"),
+                       ("auto", "positive int")]:
+        with pytest.raises(implicit.OptionError, match=error):
+            implicit.make_solver("forward", threads=bad)
+    with pytest.raises(implicit.OptionError, match="eager loop"):
+        implicit.make_solver("anderson", threads=1, compile=True)
