@@ -334,11 +334,11 @@ class FlatResult:
 
 
 @contextlib.contextmanager
-def _thread_count(threads: Optional[int], z0: torch.Tensor):
+def _thread_count(threads: int, z0: torch.Tensor):
     """The solver's ``threads`` option for one solve on CPU: torch's intra-op thread count
     set to it, and given back afterwards (also when the solve raises)."""
     default = torch.get_num_threads()
-    if threads is None or z0.device.type != "cpu" or threads == default:
+    if z0.device.type != "cpu" or threads == default:
         yield
         return
     torch.set_num_threads(threads)
@@ -379,7 +379,7 @@ def iterate(
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
     if solver.compile:
         return _compiled.iterate_compiled(solver, fn, z0, spec=spec, what=what)
-    if solver.threads is None:
+    if solver.threads is None:  # the default: no context to enter
         return _iterate(solver, fn, z0, spec, what, fn_rows)
     with _thread_count(solver.threads, z0):
         return _iterate(solver, fn, z0, spec, what, fn_rows)
