@@ -141,7 +141,8 @@ class Solver(abc.ABC):
     #: afterwards: None (the default) leaves torch's setting alone. On a CPU shared with other
     #: busy processes, ``threads=1`` ran Newton–Krylov's solve several times faster than
     #: torch's count of all cores (``benchmarks/contention.py --threads default,1``); idle,
-    #: slower. The count is process-wide: other threads of the process see it meanwhile
+    #: slower. The count is process-wide: other threads of the process see it meanwhile.
+    #: Not with compile=True (``ift(compile=...)`` leaves it off the adjoint it compiles)
     threads: Optional[int] = attrs.field(default=None, validator=_threads_ok)
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:

@@ -238,3 +238,13 @@ def test_ift_compile_option_chooses_the_adjoint_loop():
         layer(x.clone().requires_grad_()).sum().backward()
     with pytest.raises(implicit.OptionError, match="compile must be None, True, False or a"):
         implicit.make_backward("ift", compile=1.0)
+
+
+def test_a_compiled_adjoint_leaves_the_forward_solvers_thread_count_behind():
+    # threads=k is for the eager loop; ift(compile=...) compiles the adjoint from the forward
+    # solver, which then drops it (instead of refusing the combination), and the forward
+    # solve still runs at k threads
+    forward = implicit.make_solver("anderson", threads=1)
+    adjoint = implicit.make_backward("ift", compile="aot_eager").adjoint_solver(forward)
+    assert adjoint.compile == "aot_eager" and adjoint.threads is None
+    assert implicit.make_backward("ift").adjoint_solver(forward).threads == 1  # eager: kept

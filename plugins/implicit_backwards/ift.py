@@ -123,6 +123,9 @@ class ImplicitBackward(implicit.BackwardStrategy):
             # convolutional cell that costs more than the loop it saves, so a compiled forward
             # solver's adjoint runs eagerly unless asked (compile=True, or a compiled solver)
             overrides["compile"] = False
+        if overrides.get("compile") and getattr(base, "threads", None) is not None:
+            # the forward's thread count is for its eager loop; compiled kernels fix their own
+            overrides["threads"] = None
         try:
             return attrs.evolve(base, **overrides)
         except (TypeError, ValueError) as exc:
