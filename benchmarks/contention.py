@@ -30,6 +30,7 @@ thread count — what any solver's slowdown is bounded by.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -105,6 +106,31 @@ def count_ops(layer, x) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
+@contextlib.contextmanager
+def load_process(args, settle: float):
+    """The load running for the block: started, given ``settle`` seconds to get going, and
+    killed at the end (also when the block raises)."""
+    load = subprocess.Popen([sys.executable, "-c", LOAD.format(
+        threads=args.load_threads, seconds=args.load_seconds)])
+    try:
+        time.sleep(settle)
+        yield
+    finally:
+        load.kill()
+        load.wait()
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--batches takes positive batch sizes, comma-separated (e.g. 4,16); got {text!r}")
+    return batches
+
+
 def cell_calls(args) -> list[str]:
     """The cell alone, idle and under the load: bursts of ``--burst`` calls at each batch size
     of ``--batches``, with torch's thread count and with one thread; median per call over
@@ -114,29 +140,33 @@ def cell_calls(args) -> list[str]:
     default_threads = torch.get_num_threads()
     thread_counts = [default_threads] + ([1] if default_threads > 1 else [])
     calls = {}
+    cell, x = build(args.workload, args.cell)
+    noise = torch.Generator().manual_seed(2)
     for batch in args.batches:
-        cell, x = build(args.workload, args.cell)
-        x = x[:1].expand(batch, *x.shape[1:]).clone() + 0.01 * torch.randn(batch, *x.shape[1:])
+        xb = x[:1].expand(batch, *x.shape[1:]) + 0.01 * torch.randn(
+            batch, *x.shape[1:], generator=noise)
         with torch.no_grad():
-            u, z = injection_of(cell, x), init_state_of(cell, x)
+            u, z = injection_of(cell, xb), init_state_of(cell, xb)
             z = update_of(cell, z, u)  # a state off zero
-        calls[batch] = (lambda cell=cell, z=z, u=u: update_of(cell, z, u))
+        calls[batch] = (lambda z=z, u=u: update_of(cell, z, u))
 
     def phase() -> dict:
         times = {}
-        with torch.no_grad():
-            for threads in thread_counts:
-                torch.set_num_threads(threads)
-                for batch, call in calls.items():
-                    call()
-                    bursts = []
-                    for _ in range(args.repeat):
-                        start = time.perf_counter()
-                        for _ in range(args.burst):
-                            call()
-                        bursts.append((time.perf_counter() - start) / args.burst)
-                    times.setdefault((threads, batch), []).extend(bursts)
-        torch.set_num_threads(default_threads)
+        try:
+            with torch.no_grad():
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for batch, call in calls.items():
+                        call()
+                        bursts = []
+                        for _ in range(args.repeat):
+                            start = time.perf_counter()
+                            for _ in range(args.burst):
+                                call()
+                            bursts.append((time.perf_counter() - start) / args.burst)
+                        times.setdefault((threads, batch), []).extend(bursts)
+        finally:
+            torch.set_num_threads(default_threads)
         return times
 
     idle: dict = {}
@@ -144,15 +174,9 @@ def cell_calls(args) -> list[str]:
     for _ in range(args.rounds):
         for key, value in phase().items():
             idle.setdefault(key, []).extend(value)
-        load = subprocess.Popen([sys.executable, "-c", LOAD.format(
-            threads=args.load_threads, seconds=args.load_seconds)])
-        try:
-            time.sleep(5.0)  # let the load start (importing torch takes seconds)
+        with load_process(args, settle=5.0):  # importing torch takes seconds
             for key, value in phase().items():
                 loaded.setdefault(key, []).extend(value)
-        finally:
-            load.kill()
-            load.wait()
     lines = [f"$ python benchmarks/contention.py {' '.join(args.argv)}",
              f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.workload}: calls of the "
              f"cell alone, median ms per call over {args.rounds} x {args.repeat} bursts of "
@@ -211,14 +235,14 @@ def main(argv=None) -> int:
                         "timed: default (torch's setting) or a count (default: default)")
     parser.add_argument("--cell-calls", action="store_true",
                         help="time calls of the cell alone instead of solves (see above)")
-    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")],
-                        default=[4, 16], help="--cell-calls: batch sizes (default 4,16)")
+    parser.add_argument("--batches", type=_batches, default=[4, 16],
+                        help="--cell-calls: batch sizes (default 4,16)")
     parser.add_argument("--burst", type=int, default=20,
                         help="--cell-calls: calls per timed burst")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.repeat < 1 or args.burst < 1 or min(args.batches) < 1:
-        parser.error(f"--rounds, --repeat, --burst and the batch sizes must be at least 1, got "
-                     f"{args.rounds}, {args.repeat}, {args.burst} and {args.batches}")
+    if args.rounds < 1 or args.repeat < 1 or args.burst < 1:
+        parser.error(f"--rounds, --repeat and --burst must be at least 1, got {args.rounds}, "
+                     f"{args.repeat} and {args.burst}")
     if args.cell_calls:
         args.argv = list(argv if argv is not None else sys.argv[1:])
         lines = cell_calls(args)
@@ -245,15 +269,9 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for name, layer in layers.items():
             idle[name].append(time_solve(layer, x, args.repeat, args.limit))
-        load = subprocess.Popen([sys.executable, "-c", LOAD.format(
-            threads=args.load_threads, seconds=args.load_seconds)])
-        try:
-            time.sleep(2.0)  # let the load start
+        with load_process(args, settle=2.0):
             for name, layer in layers.items():
                 loaded[name].append(time_solve(layer, x, args.repeat, args.limit))
-        finally:
-            load.kill()
-            load.wait()
     idle = {name: merge(runs) for name, runs in idle.items()}
     loaded = {name: merge(runs) for name, runs in loaded.items()}
     ratios = {name: (loaded[name]["median_s"] / idle[name]["median_s"])
