@@ -71,6 +71,12 @@ class BackwardStrategy(abc.ABC):
     """Base class of backward strategies (``@attrs.frozen(kw_only=True)`` subclasses)."""
 
     name: ClassVar[str] = "backward"
+    #: whether, when no graph is needed (``problem.needs_graph`` false: ``torch.no_grad``,
+    #: inference), ``__call__`` makes the forward solve and nothing else, exactly as
+    #: :meth:`solve_without_graph` does (``ift``, ``phantom``). A layer may then make that
+    #: solve its own way: a ``DEQ`` with a compiled solver runs the cell's injection and the
+    #: solve as one compiled call. Default False: the layer always calls the strategy.
+    solves_only_without_graph: ClassVar[bool] = False
 
     @property
     def regularises_in_training(self) -> bool:

@@ -77,6 +77,10 @@ class CompiledFallbackWarning(UserWarning):
     the ``torch.cond`` that skips calls) and runs in compiled blocks that make every call."""
 
 
+class FusedUnavailable(RuntimeError):
+    """:func:`solve_fused` could not compile or run its call (the cause is chained)."""
+
+
 def _untraceable(fn: Callable, exc: Exception, instead: str) -> None:
     """Remember that ``fn``'s code cannot be traced whole, and say so once per code object."""
     first = _TRACEABLE.get(fn.__code__, True)
@@ -284,7 +288,9 @@ FALLBACK_BLOCK = 4
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     """The compiled functions of a solve with ``solver``, as attributes of a namespace:
-    ``whole(fn, z)``, the whole solve, its first call of ``fn`` included (``_whole``); for the
+    ``whole(fn, z)``, the whole solve, its first call of ``fn`` included (``_whole``);
+    ``fused(prepare, cell, x)``, the same solve of the map that ``prepare(cell, x) -> (fn, z,
+    shape)`` builds, in the same compiled call (see :func:`solve_fused`); for the
     block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
     state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is
     active; ``plain``, the same without skipping (for maps that cannot be traced into a
@@ -314,6 +320,11 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     def whole(fn, z):
         return _whole(solver, fn, z, fn(z))
 
+    def fused(prepare, cell, x):
+        fn, z, shape = prepare(cell, x)
+        best_z, *rest = _whole(solver, fn, z, fn(z))
+        return (best_z.view(shape), *rest)
+
     def start(z, fz):
         carry = _pack(_start(solver, z, fz))
         return carry, carry[2][:, _FLAGS.index("active")].any()
@@ -327,7 +338,8 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     def finish(carry):
         return _finish(_unpack(carry))
 
-    return types.SimpleNamespace(whole=own(whole, "whole"), start=own(start, "start"),
+    return types.SimpleNamespace(whole=own(whole, "whole"), fused=own(fused, "fused"),
+                                 start=own(start, "start"),
                                  block=own(block, "block"), plain=own(plain, "plain"),
                                  finish=own(finish, "finish"), steps=steps)
 
@@ -411,14 +423,25 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
         (*outputs, summary), nfe, state, calls, stats = _blocks(
             solver, parts, fn, z, fz, skipping=traceable)
         summary = summary.tolist()
-    best_z, best_abs, best_rel, converged, codes = outputs
+    record = _record(solver, outputs, summary, nfe, state, calls, stats,
+                     spec.unflatten(outputs[0].detach()) if spec is not None
+                     else outputs[0].detach(), what)
+    return FlatResult(z=outputs[0], solution=record)
+
+
+def _record(solver, outputs, summary: list, nfe: torch.Tensor, state: Any, calls: int,
+            stats: dict, z: Any, what: str) -> Solution:
+    """The solve's record from a compiled solve's outputs (``_finish``'s tensors, the host's
+    ``summary`` list, ``nfe``, the solver's final state) with ``z`` its solution as the caller
+    returns it; the solver's policy applied."""
+    _, best_abs, best_rel, converged, codes = outputs
     worst, below, precision_scale = summary
     stats = {**solver.static_stats(state), **stats}
     if below:
         stats["below_precision"] = int(below)
         stats["precision_scale"] = precision_scale
     record = Solution(
-        z=spec.unflatten(best_z.detach()) if spec is not None else best_z.detach(),
+        z=z,
         nfe=nfe,
         abs_residual=best_abs.detach(),
         rel_residual=best_rel.detach(),
@@ -434,4 +457,27 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
         njvp=0,
     )
     apply_policy(record, solver.policy, what=what)
-    return FlatResult(z=best_z, solution=record)
+    return record
+
+
+def solve_fused(solver, prepare: Callable, cell: torch.nn.Module, x: Any, device_type: str, *,
+                what: str):
+    """A whole compiled solve (``block=None``) whose map and start are built inside the same
+    compiled call: ``prepare(cell, x) -> (fn, z0, shape)`` gives the flat map, the flat ``(B,
+    n)`` initial iterate and the state's shape (a DEQ's injection of ``x`` and its initial
+    state: without grad, the layer's forward is then one call into compiled code, the
+    injection's matrix product among its kernels). Returns ``(z, record)``, ``z`` the
+    solution in the state's shape. Raises :class:`FusedUnavailable` (from what went wrong)
+    where the call could not be compiled or run: the caller then takes its general path,
+    which makes the same solve and says clearly what is wrong, if anything is. A record whose
+    status the solver's policy rejects raises as any solve's does."""
+    parts = compiled_parts(solver, FALLBACK_BLOCK, device_type)
+    try:
+        z, *outputs, summary, nfe, state = parts.fused(prepare, cell, x)
+    except Exception as exc:
+        raise FusedUnavailable(str(exc)) from exc
+    summary = summary.tolist()
+    calls = int(summary.pop())
+    stats = {"loop": "while", "loop_steps": calls - 1, "fused": True}
+    z = z.detach()
+    return z, _record(solver, (z, *outputs), summary, nfe, state, calls, stats, z, what)

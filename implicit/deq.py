@@ -18,11 +18,13 @@ from torch import nn
 
 from .backward import BackwardStrategy, Problem
 from .cell import Cell, check_cell, init_state_of, injection_of, rows_of_batched, update_of
+from .compiled import CompiledFallbackWarning, FusedUnavailable, solve_fused
 from .registry import get_registry
 from .solution import Solution, Status
 from .solver import Solver, iterate
 from .stability import (PROBES, hold_parametrized, hook_based_spectral_norm,
-                        jacobian_frobenius, jacobian_spectral_norm, parametrized_tensors)
+                        _has_parametrizations, jacobian_frobenius, jacobian_spectral_norm,
+                        parametrized_tensors)
 from .state import State, StateSpec
 from .validators import (check_value, nonnegative_int, nonnegative_number, number_in, one_of,
                          positive_int)
@@ -219,6 +221,32 @@ def _has_init_state(cell: nn.Module) -> bool:
     return isinstance(cell, Cell) or callable(getattr(cell, "init_state", None))
 
 
+def _fused_problem(cell: nn.Module, x: Any):
+    """``(fn, z0, shape)`` of a DEQ's forward without grad, built inside the compiled call of
+    :func:`implicit.compiled.solve_fused` (traced there, with the solve): the cell's map on
+    flat ``(B, n)`` iterates with the injection of ``x`` bound, the flat initial state, and
+    the state's shape. The map checks its output's shape, as the general path's
+    ``StateSpec.flatten`` does (a wrong shape cannot be traced: the layer then takes its
+    general path, which says what is wrong)."""
+    u = injection_of(cell, x)
+    state0 = init_state_of(cell, x)
+    shape = state0.shape
+    batch = shape[0]
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        state = z.view(shape)
+        out = update_of(cell, state, u)
+        if out.shape != shape:
+            raise ValueError(f"f(z) has shape {tuple(out.shape)}, the state {tuple(shape)}")
+        return _cast_like(out, state).reshape(batch, -1)
+
+    return fn, state0.reshape(batch, -1), shape
+
+
+#: the forward solve's name in warnings and errors (the general path's Problem says the same)
+_FORWARD_SOLVE = "DEQ forward solve"
+
+
 def flat_map(fn: Callable[[State], State], spec: StateSpec) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` on structured states as a map of flat ``(B, n)`` tensors."""
 
@@ -404,12 +432,75 @@ class DEQ(nn.Module):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
         self.solution: Optional[Solution] = None
         self.backward_solution: Optional[Solution] = None
+        # a compiled solver's forward without grad as one compiled call, injection included
+        # (``_forward_fused``): None until a forward of that kind has taken the general path
+        # and shown the cell's map traceable, False once the fused call failed where the
+        # general path did not
+        self._fuse: Optional[bool] = None
 
     def _record_backward(self, solution: Solution) -> None:
         self.backward_solution = solution
 
     @_eager_under_compile
     def forward(self, x: Any, z0: Optional[State] = None) -> State:
+        solver = self.solver if self.training else self.eval_solver
+        backward = self.backward
+        if self.training and self.pretrain_steps and int(self.train_steps) < self.pretrain_steps:
+            backward = self.pretrain_backward
+        fusable = (z0 is None and self._fuse is not False and not torch.is_grad_enabled()
+                   and self._fusable(solver, backward, x))
+        if fusable and self._fuse:
+            try:
+                return self._forward_fused(solver, x)
+            except FusedUnavailable as exc:
+                failure = exc
+        else:
+            failure = None
+        z_star = self._forward(x, z0, solver, backward)
+        if fusable:
+            if failure is not None:  # the general path ran where the fused call could not
+                self._fuse = False
+                cause = failure.__cause__ or failure
+                lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+                reason = " ".join(lines[:2])[:300]
+                warnings.warn(
+                    "compile=True: this layer's forward without grad could not run the "
+                    f"injection and the solve as one compiled call ({type(cause).__name__}: "
+                    f"{reason}); its forwards run them apart (the same solve and record)",
+                    CompiledFallbackWarning, stacklevel=3)
+            else:
+                # a single-tensor state whose map the compiled solve traced whole
+                self._fuse = (isinstance(self.solution.z, torch.Tensor)
+                              and self.solution.stats.get("loop") == "while")
+        return z_star
+
+    def _fusable(self, solver: Solver, backward: BackwardStrategy, x: Any) -> bool:
+        """Whether a forward without grad can be one compiled call (``_forward_fused``): a
+        solver compiled whole (``compile=True``, ``block=None``), a backward strategy that
+        only solves when there is no graph, a tensor input, and nothing the layer does around
+        the solve: no autocast, parametrizations, spectral telemetry or ``readout="step"``."""
+        return (bool(solver.compile) and solver.block is None and type(solver).static
+                and type(backward).solves_only_without_graph and isinstance(x, torch.Tensor)
+                and self.readout == "state" and not self.spectral_iters
+                and _autocast_of(x) is None and not _has_parametrizations(self.cell))
+
+    def _forward_fused(self, solver: Solver, x: torch.Tensor) -> torch.Tensor:
+        """The forward without grad as one compiled call: the injection, the initial state and
+        the whole solve (:func:`implicit.compiled.solve_fused`); the same record as the
+        general path's, with ``stats["fused"]``. Raises ``FusedUnavailable`` if the call
+        cannot be made."""
+        z, solution = solve_fused(solver, _fused_problem, self.cell, x, x.device.type,
+                                  what=_FORWARD_SOLVE)
+        self.solution = solution
+        if self.training:
+            self.train_steps.add_(1)
+        if self.jacobian_loss is not None:
+            self.jacobian_loss = None
+        return z
+
+    def _forward(self, x: Any, z0: Optional[State], solver: Solver,
+                 backward: BackwardStrategy) -> State:
+        """The general forward: the problem built here, solved by the backward strategy."""
         cell = self.cell
         # parametrized weights (spectral/weight norm), computed once and held for the solve
         held = parametrized_tensors(cell)
@@ -514,12 +605,8 @@ class DEQ(nn.Module):
             on_backward_solution=self._record_backward,
             training=self.training,
         )
-        solver = self.solver if self.training else self.eval_solver
-        backward = self.backward
         if self.training:
-            if int(self.train_steps) < self.pretrain_steps:
-                backward = self.pretrain_backward
-            self.train_steps += 1
+            self.train_steps.add_(1)  # (in place: no nn.Module.__setattr__ on every forward)
         with _solver_precision(amp):
             try:
                 result = backward(problem, solver)

@@ -248,3 +248,85 @@ def test_a_compiled_adjoint_leaves_the_forward_solvers_thread_count_behind():
     adjoint = implicit.make_backward("ift", compile="aot_eager").adjoint_solver(forward)
     assert adjoint.compile == "aot_eager" and adjoint.threads is None
     assert implicit.make_backward("ift").adjoint_solver(forward).threads == 1  # eager: kept
+
+
+def _fused_layers(name: str, **options):
+    """A DEQ with a compiled solver (aot_eager: traced, no code generation) and its eager
+    twin on one float64 tanh cell."""
+    torch.manual_seed(3)
+    cell = implicit.make_cell("tanh", features=12, in_features=5).double()
+    options = dict(tol=1e-8, max_iter=60, policy="ignore", **options)
+    compiled = implicit.DEQ(cell, solver=implicit.make_solver(name, compile="aot_eager",
+                                                              **options))
+    eager = implicit.DEQ(cell, solver=implicit.make_solver(name, **options))
+    return compiled, eager, torch.randn(7, 5, dtype=torch.float64) * 3
+
+
+@pytest.mark.parametrize("name", ["forward", "anderson"])
+def test_a_compiled_layers_forward_without_grad_is_one_call_with_the_eager_record(name):
+    compiled, eager, x = _fused_layers(name)
+    compiled.train()
+    with torch.no_grad():
+        first = compiled(x)  # the general path, which shows the map traceable
+        assert "fused" not in compiled.solution.stats and compiled._fuse is True
+        z = compiled(x)
+        c = compiled.solution
+        e_z = eager(x)
+    e = eager.solution
+    assert c.stats["fused"] and c.stats["loop"] == "while"
+    assert z.shape == e_z.shape == (7, 12) and c.z.shape == (7, 12)
+    assert len(set(e.nfe.tolist())) >= 2  # samples stopped at different steps
+    for field in ("nfe", "sample_status", "converged"):
+        assert torch.equal(getattr(c, field), getattr(e, field)), field
+    assert c.n_calls == e.n_calls and c.status is e.status
+    torch.testing.assert_close(z, e_z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(first, e_z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c.abs_residual, e.abs_residual, rtol=1e-6, atol=1e-14)
+    assert int(compiled.train_steps) == 2  # a fused forward counts as a training forward
+    # with grad, the general path (the injection's graph is needed), fused again after
+    z_grad = compiled(x)
+    assert z_grad.requires_grad and "fused" not in compiled.solution.stats
+    with torch.no_grad():
+        compiled(x)
+    assert compiled.solution.stats["fused"]
+
+
+def test_a_fused_forward_keeps_the_policy_and_says_what_is_wrong_with_bad_input():
+    compiled, _, x = _fused_layers("forward")
+    # training solves converge; eval solves stop after 3 calls, which policy="raise" rejects
+    layer = implicit.DEQ(compiled.cell, solver=attrs.evolve(compiled.solver, policy="raise"),
+                         eval_max_iter=3)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert layer.solution.stats["fused"] and layer.solution.all_converged
+        layer.eval()
+        with pytest.raises(implicit.ConvergenceError, match="DEQ forward solve") as raised:
+            layer(x)
+        rejected = raised.value.solution
+        assert rejected.stats["fused"] and rejected.status is Status.MAX_ITER
+        assert rejected.n_calls == 3
+        # bad input: the fused call cannot trace it; the general path says what is wrong
+        with pytest.raises(ValueError, match=r"expects inputs of shape .*got \(7, 4\)"):
+            layer(torch.randn(7, 4, dtype=torch.float64))
+        assert layer._fuse is True  # the input was wrong, not the fused call
+
+
+def test_a_fused_call_that_fails_falls_back_once_with_a_warning(monkeypatch):
+    compiled, eager, x = _fused_layers("anderson")
+    with torch.no_grad():
+        compiled(x)
+        assert compiled._fuse is True
+
+        def untraceable(cell, x):
+            raise NotImplementedError("nothing here traces")
+
+        monkeypatch.setattr(implicit.deq, "_fused_problem", untraceable)
+        with pytest.warns(implicit.compiled.CompiledFallbackWarning,
+                          match="NotImplementedError: nothing here traces.*run them apart"):
+            z = compiled(x)
+        assert compiled._fuse is False and "fused" not in compiled.solution.stats
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compiled(x)  # no second warning, no second try
+        torch.testing.assert_close(z, eager(x), rtol=0, atol=1e-12)

@@ -76,6 +76,7 @@ class ImplicitBackward(implicit.BackwardStrategy):
     the adjoint is damped, w = (1 - damping) J^T w + y (damping=0: exact there too)."""
 
     name: ClassVar[str] = "ift"
+    solves_only_without_graph: ClassVar[bool] = True  # no graph: the solve alone
 
     solver: Union[str, implicit.Solver, None] = attrs.field(
         default=None, validator=_solver_or_name

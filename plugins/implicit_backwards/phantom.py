@@ -32,6 +32,7 @@ class Phantom(implicit.BackwardStrategy):
     """Phantom gradient: backprop through k damped steps z <- (1-lam) z + lam f(z) from z*."""
 
     name: ClassVar[str] = "phantom"
+    solves_only_without_graph: ClassVar[bool] = True  # no graph: the solve alone
 
     k: int = attrs.field(default=5, validator=positive_int)
     lam: float = attrs.field(default=0.8, validator=number_in(0, 1, low_open=True))
