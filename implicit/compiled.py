@@ -18,6 +18,15 @@ operations and costs several cell calls (``benchmarks/results/cpu-solvers``). A 
   budget is counted in whole blocks and its last ``max_iter − 1 mod k`` steps run eagerly, one
   at a time, through the same step code.
 
+A ``DEQ`` whose solver is compiled whole makes its forward without grad (inference, or any
+forward under ``torch.no_grad``) one compiled call: :func:`solve_fused` traces the cell's
+injection of ``x`` and the initial state into the same function as the solve, so the layer's
+own Python (problem, state structure, backward dispatch) and the eager injection call are not
+paid per forward. The layer takes this path once a general forward has shown the map
+traceable, with a strategy that only solves when there is no graph (``ift``, ``phantom``),
+and falls back to the general path where the fused call cannot be made (the record is the
+same, with ``stats["fused"]``).
+
 A map that dynamo cannot trace whole (a graph break in it, e.g. a VJP through autograd) can run
 neither in a ``torch.while_loop`` nor in a ``torch.cond`` branch: it runs in blocks (of
 :data:`FALLBACK_BLOCK` steps when ``block=None``) that make every call, and ``n_calls`` counts
