@@ -90,13 +90,19 @@ class FusedUnavailable(RuntimeError):
     """:func:`solve_fused` could not compile or run its call (the cause is chained)."""
 
 
+def short_reason(exc: BaseException) -> str:
+    """The first two non-empty lines of ``exc``'s message, at most 300 characters (dynamo's
+    first line is often a header only), for a one-line warning."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300]
+
+
 def _untraceable(fn: Callable, exc: Exception, instead: str) -> None:
     """Remember that ``fn``'s code cannot be traced whole, and say so once per code object."""
     first = _TRACEABLE.get(fn.__code__, True)
     _TRACEABLE[fn.__code__] = False
     if first:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = " ".join(lines[:2])[:300]  # dynamo's first line is often a header only
+        reason = short_reason(exc)
         name = getattr(fn, "__qualname__", type(fn).__name__)
         warnings.warn(
             f"compile=True: the map {name} cannot be traced whole ({type(exc).__name__}: "

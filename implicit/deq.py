@@ -18,7 +18,7 @@ from torch import nn
 
 from .backward import BackwardStrategy, Problem
 from .cell import Cell, check_cell, init_state_of, injection_of, rows_of_batched, update_of
-from .compiled import CompiledFallbackWarning, FusedUnavailable, solve_fused
+from .compiled import CompiledFallbackWarning, FusedUnavailable, short_reason, solve_fused
 from .registry import get_registry
 from .solution import Solution, Status
 from .solver import Solver, iterate
@@ -461,8 +461,7 @@ class DEQ(nn.Module):
             if failure is not None:  # the general path ran where the fused call could not
                 self._fuse = False
                 cause = failure.__cause__ or failure
-                lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-                reason = " ".join(lines[:2])[:300]
+                reason = short_reason(cause)
                 warnings.warn(
                     "compile=True: this layer's forward without grad could not run the "
                     f"injection and the solve as one compiled call ({type(cause).__name__}: "
