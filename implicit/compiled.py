@@ -20,7 +20,8 @@ operations and costs several cell calls (``benchmarks/results/cpu-solvers``). A 
 
 A ``DEQ`` whose solver is compiled whole makes its forward without grad (inference, or any
 forward under ``torch.no_grad``) one compiled call: :func:`solve_fused` traces the cell's
-injection of ``x`` and the initial state into the same function as the solve, so the layer's
+injection of ``x`` into the same function as the solve (the initial state is made before the
+call and passed in: zeros made inside it slowed the ResNet cell's steps), so the layer's
 own Python (problem, state structure, backward dispatch) and the eager injection call are not
 paid per forward. The layer takes this path once a general forward has shown the map
 traceable, with a strategy that only solves when there is no graph (``ift``, ``phantom``),
@@ -304,9 +305,9 @@ FALLBACK_BLOCK = 4
 def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     """The compiled functions of a solve with ``solver``, as attributes of a namespace:
     ``whole(fn, z)``, the whole solve, its first call of ``fn`` included (``_whole``);
-    ``fused(prepare, cell, x)``, the same solve of the map that ``prepare(cell, x) -> (fn, z,
-    shape)`` builds, in the same compiled call (see :func:`solve_fused`); for the
-    block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
+    ``fused(prepare, cell, x, state0)``, the same solve of the map that ``prepare(cell, x,
+    state0) -> (fn, z, shape)`` builds, in the same compiled call (see :func:`solve_fused`);
+    for the block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
     state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is
     active; ``plain``, the same without skipping (for maps that cannot be traced into a
     ``torch.cond`` branch, e.g. a VJP through autograd); and ``finish(carry)`` (see
@@ -335,8 +336,8 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     def whole(fn, z):
         return _whole(solver, fn, z, fn(z))
 
-    def fused(prepare, cell, x):
-        fn, z, shape = prepare(cell, x)
+    def fused(prepare, cell, x, state0):
+        fn, z, shape = prepare(cell, x, state0)
         best_z, *rest = _whole(solver, fn, z, fn(z))
         return (best_z.view(shape), *rest)
 
@@ -475,20 +476,20 @@ def _record(solver, outputs, summary: list, nfe: torch.Tensor, state: Any, calls
     return record
 
 
-def solve_fused(solver, prepare: Callable, cell: torch.nn.Module, x: Any, device_type: str, *,
-                what: str):
+def solve_fused(solver, prepare: Callable, cell: torch.nn.Module, x: Any,
+                state0: torch.Tensor, device_type: str, *, what: str):
     """A whole compiled solve (``block=None``) whose map and start are built inside the same
-    compiled call: ``prepare(cell, x) -> (fn, z0, shape)`` gives the flat map, the flat ``(B,
-    n)`` initial iterate and the state's shape (a DEQ's injection of ``x`` and its initial
-    state: without grad, the layer's forward is then one call into compiled code, the
-    injection's matrix product among its kernels). Returns ``(z, record)``, ``z`` the
+    compiled call: ``prepare(cell, x, state0) -> (fn, z0, shape)`` gives the flat map, the
+    flat ``(B, n)`` initial iterate (from ``state0``) and the state's shape (a DEQ's
+    injection of ``x``: without grad, the layer's forward is then one call into compiled
+    code, the injection's matrix product among its kernels). Returns ``(z, record)``, ``z`` the
     solution in the state's shape. Raises :class:`FusedUnavailable` (from what went wrong)
     where the call could not be compiled or run: the caller then takes its general path,
     which makes the same solve and says clearly what is wrong, if anything is. A record whose
     status the solver's policy rejects raises as any solve's does."""
     parts = compiled_parts(solver, FALLBACK_BLOCK, device_type)
     try:
-        z, *outputs, summary, nfe, state = parts.fused(prepare, cell, x)
+        z, *outputs, summary, nfe, state = parts.fused(prepare, cell, x, state0)
     except Exception as exc:
         raise FusedUnavailable(str(exc)) from exc
     summary = summary.tolist()

@@ -318,7 +318,7 @@ def test_a_fused_call_that_fails_falls_back_once_with_a_warning(monkeypatch):
         compiled(x)
         assert compiled._fuse is True
 
-        def untraceable(cell, x):
+        def untraceable(cell, x, state0):
             raise NotImplementedError("nothing here traces")
 
         monkeypatch.setattr(implicit.deq, "_fused_problem", untraceable)
