@@ -24,7 +24,10 @@ backward strategy that declare they fit together is measured; third-party plugin
           "backward": null | {n_calls, nfe_mean, nfe_max, status, status_counts},
           "train_step_time_s", "train_step_times_s", "cell_eval_time_s",
           "floor_ratio",            # fastest forward / (n_calls × fastest cell evaluation),
-                                    # the two timed interleaved; "cell_eval_time_s" is the latter
+                                    # the two timed interleaved; "cell_eval_time_s" is the latter:
+                                    # the fastest burst of n_calls evaluations back to back, per
+                                    # call ("cell_eval_method" says so; records without it:
+                                    # the fastest single call)
           "peak_memory_bytes", "peak_memory_method",
           "allocator",              # CPU: the C allocator settings timings ran under (--malloc)
           "grad_rel_error",         # ‖g − g_ref‖ / ‖g_ref‖ over x and all parameters, or null
