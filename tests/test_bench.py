@@ -42,6 +42,10 @@ def test_in_process_run_writes_schema_table_and_plots(tmp_path, registry, capsys
         assert record["error"] is None, record.get("traceback")
         fwd = record["forward"]
         assert fwd["n_calls"] >= 1 and fwd["time_s"] > 0 and record["floor_ratio"] > 0
+        # the floor: the fastest forward against bursts of the solve's own number of calls
+        assert f"bursts of n_calls={fwd['n_calls']} calls" in record["cell_eval_method"]
+        assert record["floor_ratio"] == pytest.approx(
+            min(fwd["times_s"]) / (fwd["n_calls"] * record["cell_eval_time_s"]))
         assert sum(fwd["status_counts"].values()) == 4
         if fwd["status"] == "converged":
             assert fwd["true_rel_residual_max"] <= 1e-4 * 1.01
