@@ -307,10 +307,10 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     ``whole(fn, z)``, the whole solve, its first call of ``fn`` included (``_whole``);
     ``fused(prepare, cell, x, state0)``, the same solve of the map that ``prepare(cell, x,
     state0) -> (fn, z, shape)`` builds, in the same compiled call (see :func:`solve_fused`);
-    for the block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state) -> (carry,
-    state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no sample is
-    active; ``plain``, the same without skipping (for maps that cannot be traced into a
-    ``torch.cond`` branch, e.g. a VJP through autograd); and ``finish(carry)`` (see
+    for the block loop, ``start(z, fz) -> (carry, any_active)``; ``block(fn, carry, state)
+    -> (carry, state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no
+    sample is active; ``plain``, the same without skipping (for maps that cannot be traced
+    into a ``torch.cond`` branch, e.g. a VJP through autograd); and ``finish(carry)`` (see
     ``_finish``). Cached by the solver's options, the backend among them, ``steps`` and the
     device type.
 
@@ -482,8 +482,8 @@ def solve_fused(solver, prepare: Callable, cell: torch.nn.Module, x: Any,
     compiled call: ``prepare(cell, x, state0) -> (fn, z0, shape)`` gives the flat map, the
     flat ``(B, n)`` initial iterate (from ``state0``) and the state's shape (a DEQ's
     injection of ``x``: without grad, the layer's forward is then one call into compiled
-    code, the injection's matrix product among its kernels). Returns ``(z, record)``, ``z`` the
-    solution in the state's shape. Raises :class:`FusedUnavailable` (from what went wrong)
+    code, the injection's matrix product among its kernels). Returns ``(z, record)``, ``z``
+    the solution in the state's shape. Raises :class:`FusedUnavailable` (from what went wrong)
     where the call could not be compiled or run: the caller then takes its general path,
     which makes the same solve and says clearly what is wrong, if anything is. A record whose
     status the solver's policy rejects raises as any solve's does."""
