@@ -4,8 +4,9 @@
 one *eager* cell call). This takes one ``DEQ`` forward apart, timed interleaved in one process
 (minimum over ``--repeat`` rounds; noise on a shared machine only adds time):
 
-* one eager cell call (the floor's unit, timed as ``implicit bench`` times it) and the cell
-  compiled alone;
+* one eager cell call (the floor's unit, timed as ``implicit bench`` times it: a burst of the
+  solve's ``n_calls`` calls back to back, per call) and the cell compiled alone, timed the same
+  way;
 * the compiled solve's cost, split by timing runs of 1 and ``--steps`` steps into a fixed part
   (the call into compiled code: guards, wrappers, allocation; with ``--block 0``, the default,
   one ``torch.while_loop`` per solve, its first call of f, start and finish included) and a
@@ -46,10 +47,7 @@ def workloads(device: torch.device):
 
 def interleaved(cands: dict, repeat: int, device: torch.device, runs: dict) -> dict:
     """The fastest of ``repeat`` rounds of each candidate, the rounds interleaved; in each
-    round a candidate runs ``runs.get(name, 1)`` times back to back, each timed (the cell is
-    timed as ``implicit bench`` times its floor: five calls in a row, so that no call pays
-    for waking the thread pool after other work — one call after a compiled block measured
-    up to 40 % slower)."""
+    round a candidate runs ``runs.get(name, 1)`` times back to back, each timed."""
     best = {k: float("inf") for k in cands}
     for _ in range(repeat):
         for k, fn in cands.items():
@@ -131,9 +129,16 @@ def main(argv=None) -> int:
                     unit = "block"
                 for run in runs.values():
                     run()
+                def burst(call, z=z0, calls=calls):
+                    for _ in range(calls):
+                        call(z)
+
+                # the cell as ``implicit bench`` times its floor: a burst of the solve's calls
+                # (on this shared machine one call of a tenth of a millisecond finds a quiet
+                # moment far more often than a solve of ten calls does)
                 cands = {
-                    "cell": lambda: fn(z0),
-                    "cell compiled": lambda: alone(z0),
+                    "cell": functools.partial(burst, fn),
+                    "cell compiled": functools.partial(burst, alone),
                     f"{unit} 1": runs[1],
                     f"{unit} {args.steps}": runs[args.steps],
                     "solve": lambda: implicit.iterate(layer.solver, fn, z0),
@@ -143,7 +148,9 @@ def main(argv=None) -> int:
                     cands["first call"] = lambda: Evaluator(fn, budget=1)(z0)
                     cands["start"] = lambda: part.start(z0, fz0)
                     cands["finish"] = lambda: part.finish(carry)
-                t = interleaved(cands, args.repeat, device, runs={"cell": 5, "cell compiled": 5})
+                t = interleaved(cands, args.repeat, device, runs={})
+                t["cell"] /= calls
+                t["cell compiled"] /= calls
                 us = {k: v * 1e6 for k, v in t.items()}
                 per_step = (us[f"{unit} {args.steps}"] - us[f"{unit} 1"]) / (args.steps - 1)
                 fixed = us[f"{unit} 1"] - per_step
