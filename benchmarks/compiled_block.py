@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import implicit
 from implicit import compiled
 from implicit.cell import init_state_of, injection_of, update_of
 from implicit.solver import Evaluator
+from transcript import Transcript
 
 
 def workloads(device: torch.device):
@@ -80,14 +80,10 @@ def main(argv=None) -> int:
                      "1-step and a --steps run), --block at least 0 and --repeat at least 1")
     device = torch.device(args.device)
     block = args.block or None
-    lines = [f"$ python benchmarks/compiled_block.py {' '.join(argv or sys.argv[1:])}",
-             f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
-             f"times in µs, fastest of {args.repeat} interleaved rounds"]
-    print("\n".join(lines))
-
-    def say(text: str) -> None:
-        lines.append(text)
-        print(text)
+    transcript = Transcript("compiled_block.py", argv)
+    say = transcript.say
+    say(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; "
+        f"times in µs, fastest of {args.repeat} interleaved rounds")
 
     with torch.no_grad():
         for label, cell, x in workloads(device):
@@ -185,9 +181,7 @@ def main(argv=None) -> int:
                                     "the DEQ around the solve, and the rest": rest}.items():
                     say(f"    {what:48s} {value:8.1f}   {value / floor:5.2f} of the floor")
                 torch._dynamo.reset()
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
+    transcript.save(args.out)
     return 0
 
 

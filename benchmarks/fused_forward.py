@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import implicit
+from transcript import Transcript
 
 
 def workloads():
@@ -42,10 +42,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 2:
         parser.error("--repeat must be at least 2 (the two layers alternate who goes first)")
-    lines = [f"$ python benchmarks/fused_forward.py {' '.join(argv or sys.argv[1:])}",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per forward "
-             f"without grad, {args.repeat} interleaved rounds"]
-    print("\n".join(lines))
+    transcript = Transcript("fused_forward.py", argv)
+    transcript.say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per "
+                   f"forward without grad, {args.repeat} interleaved rounds")
     with torch.no_grad():
         for label, cell, x in workloads():
             for name in args.solvers.split(","):
@@ -79,12 +78,9 @@ def main(argv=None) -> int:
                         f"{med['general']:7.2f} (fastest {best['general']:7.2f})   general ÷ "
                         f"fused {med['general'] / med['fused']:.2f} (fastest "
                         f"{best['general'] / best['fused']:.2f})")
-                lines.append(line)
-                print(line)
+                transcript.say(line)
                 torch._dynamo.reset()
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
+    transcript.save(args.out)
     return 0
 
 

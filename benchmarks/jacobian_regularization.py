@@ -13,12 +13,12 @@ prints the forward ``n_calls`` to tolerance, the Jacobian estimates and the task
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 import implicit
+from transcript import Transcript
 
 
 def train(weight: float, *, steps: int, features: int, seed: int, lr: float,
@@ -74,16 +74,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the output to DIR/output.txt")
     args = parser.parse_args(argv)
-    lines = [f"$ python benchmarks/jacobian_regularization.py {' '.join(argv or sys.argv[1:])}"]
+    transcript = Transcript("jacobian_regularization.py", argv)
     for weight in (0.0, args.weight):
         result = train(weight, steps=args.steps, features=args.features, seed=args.seed,
                        lr=args.lr)
-        lines.append("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in result.items()))
-        print(lines[-1])
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
+        transcript.say("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in result.items()))
+    transcript.save(args.out)
 
 
 if __name__ == "__main__":

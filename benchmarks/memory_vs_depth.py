@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 from implicit.bench.measure import Combination
 from implicit.bench.runner import _run_isolated
+from transcript import Transcript
 
 
 def main() -> None:
@@ -35,10 +35,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table to DIR/output.txt")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    lines = [f"$ python benchmarks/memory_vs_depth.py {' '.join(sys.argv[1:])}",
-             f"{'backward':<10} " + " ".join(f"{'max_iter ' + str(d):>14}" for d in depths)
-             + f" {'ratio':>8}   method"]
-    print(lines[-1])
+    transcript = Transcript("memory_vs_depth.py")
+    transcript.say(f"{'backward':<10} " + " ".join(f"{'max_iter ' + str(d):>14}" for d in depths)
+                   + f" {'ratio':>8}   method")
     for backward in args.backwards.split(","):
         peaks, method = [], ""
         for depth in depths:
@@ -55,11 +54,9 @@ def main() -> None:
             peaks.append(statistics.median(runs))
             method = record["peak_memory_method"]
         cells = " ".join(f"{p / 2**20:>10.1f} MiB" for p in peaks)
-        lines.append(f"{backward:<10} {cells} {peaks[-1] / max(peaks[0], 1):>8.2f}   {method}")
-        print(lines[-1])
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "output.txt").write_text("\n".join(lines) + "\n")
+        transcript.say(f"{backward:<10} {cells} {peaks[-1] / max(peaks[0], 1):>8.2f}   "
+                       f"{method}")
+    transcript.save(args.out)
 
 
 if __name__ == "__main__":
