@@ -32,9 +32,9 @@ import torch
 
 import implicit
 from implicit import compiled
+from implicit.bench.transcript import Transcript
 from implicit.cell import init_state_of, injection_of, update_of
 from implicit.solver import Evaluator
-from transcript import Transcript
 
 
 def workloads(device: torch.device):

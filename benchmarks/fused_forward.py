@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import implicit
-from transcript import Transcript
+from implicit.bench.transcript import Transcript
 
 
 def workloads():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import implicit
-from transcript import Transcript
+from implicit.bench.transcript import Transcript
 
 
 def train(weight: float, *, steps: int, features: int, seed: int, lr: float,

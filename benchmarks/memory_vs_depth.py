@@ -21,7 +21,7 @@ from pathlib import Path
 
 from implicit.bench.measure import Combination
 from implicit.bench.runner import _run_isolated
-from transcript import Transcript
+from implicit.bench.transcript import Transcript
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-"""What a benchmark script prints, kept to be written to ``DIR/output.txt`` with ``--out DIR``:
-the committed outputs under ``results/``, which ``figures.py`` puts into the docs verbatim."""
+"""What a script under ``benchmarks/`` prints, kept to be written to ``DIR/output.txt`` with
+``--out DIR``: the committed outputs under ``benchmarks/results/``, which
+``benchmarks/figures.py`` puts into the docs verbatim. (In the package, not beside the scripts,
+so that a script imported by path, as the tests do, finds it.)"""
 
 from __future__ import annotations
 
