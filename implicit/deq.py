@@ -493,8 +493,6 @@ class DEQ(nn.Module):
             state0 = init_state_of(self.cell, x)
         except Exception as exc:  # bad input: the general path says what is wrong
             raise FusedUnavailable(str(exc)) from exc
-        if not isinstance(state0, torch.Tensor):
-            raise FusedUnavailable("the cell's initial state is not one tensor")
         z, solution = solve_fused(solver, _fused_problem, self.cell, x, state0,
                                   x.device.type, what=_FORWARD_SOLVE)
         self.solution = solution
