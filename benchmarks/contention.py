@@ -30,6 +30,7 @@ thread count — what any solver's slowdown is bounded by.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -44,12 +45,14 @@ import torch
 
 import implicit
 
+# (it also stops when this script is gone: a killed script's load must not run on)
 LOAD = """
-import sys, time, torch
+import os, sys, time, torch
+parent = os.getppid()
 if {threads}: torch.set_num_threads({threads})
 a = torch.randn(512, 512)
 end = time.time() + {seconds}
-while time.time() < end:
+while time.time() < end and os.getppid() == parent:
     a = torch.tanh(a @ a / 512)
 """
 
@@ -74,7 +77,7 @@ def build(workload: str, cell_name: str, seed: int = 0):
 
 def time_solve(layer, x, repeat: int, limit: float) -> dict:
     """Median wall time of ``repeat`` forward solves (no graph), each bounded by ``limit``."""
-    times, timed_out = [], False
+    times, used, timed_out = [], [], False
     with torch.no_grad():
         for _ in range(repeat):
             signal.signal(signal.SIGALRM, _alarm)
@@ -88,9 +91,11 @@ def time_solve(layer, x, repeat: int, limit: float) -> dict:
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             times.append(time.perf_counter() - start)
+            # the thread count the solve ran at (a solver with a threads option records it)
+            used.append(layer.solution.stats.get("threads"))
     sol = layer.solution
     return {"median_s": statistics.median(times) if times else None, "times_s": times,
-            "timed_out": timed_out,
+            "threads_used": used, "timed_out": timed_out,
             "n_calls": sol.n_calls if sol is not None and not timed_out else None,
             "njvp": sol.njvp if sol is not None and not timed_out else None}
 
@@ -198,21 +203,29 @@ def merge(runs: list[dict]) -> dict:
     timed_out = any(run["timed_out"] for run in runs)
     last = runs[-1]
     return {"median_s": statistics.median(times) if times and not timed_out else None,
-            "times_s": times, "timed_out": timed_out, "n_calls": last["n_calls"],
-            "njvp": last["njvp"]}
+            "times_s": times, "threads_used": [n for run in runs for n in run["threads_used"]],
+            "timed_out": timed_out, "n_calls": last["n_calls"], "njvp": last["njvp"]}
+
+
+def counts(used: list) -> str:
+    """``threads_used`` as "2 ×5, 1 ×1" (empty where the solver kept torch's setting)."""
+    tally = collections.Counter(n for n in used if n is not None)
+    return ", ".join(f"{n} ×{k}" for n, k in sorted(tally.items(), reverse=True))
 
 
 def _thread_variants(text: str) -> list:
+    """``--threads``: each variant ``default`` (the solver's own default: torch's setting, or
+    ``auto`` for Newton–Krylov), ``torch`` (``threads=None``), ``auto`` or a count."""
     variants = []
     for part in text.split(","):
-        if part in ("default", "none", "None"):
-            variants.append(None)
+        if part in ("default", "torch", "auto"):
+            variants.append({"torch": None}.get(part, part))
         elif part.isdigit() and int(part) > 0:
             variants.append(int(part))
         else:
             raise argparse.ArgumentTypeError(
-                f"--threads takes default or a positive count, comma-separated; got "
-                f"{part!r}")
+                f"--threads takes default, torch, auto or a positive count, comma-separated; "
+                f"got {part!r}")
     return variants
 
 
@@ -230,9 +243,10 @@ def main(argv=None) -> int:
     parser.add_argument("--load-seconds", type=float, default=600.0)
     parser.add_argument("--out", type=Path,
                         help="write results.json here (output.txt with --cell-calls)")
-    parser.add_argument("--threads", type=_thread_variants, default=[None],
+    parser.add_argument("--threads", type=_thread_variants, default=["default"],
                         help="the solvers' threads option, a comma list of variants each "
-                        "timed: default (torch's setting) or a count (default: default)")
+                        "timed: default (the solver's own), torch (threads=None: torch's "
+                        "setting), auto, or a count (default: default)")
     parser.add_argument("--cell-calls", action="store_true",
                         help="time calls of the cell alone instead of solves (see above)")
     parser.add_argument("--batches", type=_batches, default=[4, 16],
@@ -255,12 +269,13 @@ def main(argv=None) -> int:
     layers = {}
     for variant in args.threads:
         for name in args.solvers.split(","):
+            options = {} if variant == "default" else {"threads": variant}
             solver = implicit.make_solver(name, tol=1e-4, max_iter=50, policy="ignore",
-                                          threads=variant)
-            label = name if variant is None else f"{name} threads={variant}"
+                                          **options)
+            label = name if variant == "default" else f"{name} threads={variant}"
             layers[label] = implicit.DEQ(cell, solver=solver, backward="ift").eval()
-        with torch.no_grad():
-            layers[name](x)  # warm up
+            with torch.no_grad():
+                layers[label](x)  # warm up
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
           f"CPUs; {args.workload}")
     ops = {name: count_ops(layer, x) for name, layer in layers.items()}
@@ -277,14 +292,19 @@ def main(argv=None) -> int:
     ratios = {name: (loaded[name]["median_s"] / idle[name]["median_s"])
               if idle[name]["median_s"] and loaded[name]["median_s"] else None
               for name in layers}
-    reference = ratios.get("forward")
+    # forward iteration's slowdown with the same threads variant (the label's suffix)
+    forward = {label[len(layer.solver.name):]: ratios[label] for label, layer in layers.items()
+               if layer.solver.name == "forward"}
     rows = []
     for name in layers:
         a, b, ratio = idle[name], loaded[name], ratios[name]
+        reference = forward.get(name[len(layers[name].solver.name):])
         relative = ratio / reference if ratio and reference else None
         # a threads variant's loaded time against the same solver's idle time with torch's
-        # thread count (what the user had before choosing the option)
-        plain = idle.get(layers[name].solver.name)
+        # thread count (threads=None), where that was timed too
+        plain = next((idle[other] for other, layer in layers.items()
+                      if layer.solver.name == layers[name].solver.name
+                      and layer.solver.threads is None), None)
         versus_default = (b["median_s"] / plain["median_s"]
                           if plain is not None and plain["median_s"] and b["median_s"] else None)
         shown = (f"> {args.limit:.0f} s" if b["timed_out"] else f"{b['median_s'] * 1e3:9.1f} ms")
@@ -293,7 +313,9 @@ def main(argv=None) -> int:
               + (f" ({relative:.2f} of forward's)" if relative else "")
               + (f" (x{versus_default:.2f} of the default's idle)"
                  if versus_default and layers[name].solver.threads is not None else "")
-              + f"   calls {a['n_calls']}  jvps {a['njvp']}  ops {ops[name]}")
+              + f"   calls {a['n_calls']}  jvps {a['njvp']}  ops {ops[name]}"
+              + (f"   threads idle {counts(a['threads_used'])}, loaded "
+                 f"{counts(b['threads_used'])}" if counts(a["threads_used"]) else ""))
         rows.append({"solver": name, "threads": layers[name].solver.threads,
                      "idle": a, "loaded": b, "ratio": ratio,
                      "relative_to_forward": relative, "ratio_to_default_idle": versus_default,

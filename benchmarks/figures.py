@@ -15,6 +15,7 @@ whose text was not regenerated fails the suite). Unknown region names are errors
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
 import re
@@ -235,10 +236,21 @@ def compiled() -> str:
             + _bench_note(data) + "\n")
 
 
+def _threads_used(phase: dict, option, torch_threads: int) -> str:
+    """The thread counts a phase's solves ran at: recorded per solve (``threads_used``, runs
+    since ``threads="auto"``), else the fixed count of the row's option or torch's."""
+    used = [n for n in phase.get("threads_used", []) if n is not None]
+    if not used:
+        return str(option if isinstance(option, int) else torch_threads)
+    tally = sorted(collections.Counter(used).items(), reverse=True)
+    return ", ".join(f"{n}" if k == len(used) else f"{n} ×{k}" for n, k in tally)
+
+
 def contention() -> str:
     lines = ["| solver | run | tensor ops per solve | idle ms | with one CPU-bound process | "
-             "slowdown | slowdown ÷ forward's | loaded ÷ idle with torch's threads |",
-             "|---|---|---|---|---|---|---|---|"]
+             "slowdown | slowdown ÷ forward's | loaded ÷ idle with torch's threads | "
+             "threads, idle / loaded |",
+             "|---|---|---|---|---|---|---|---|---|"]
     commands = []
     paths = sorted((RESULTS / "cpu-contention").glob("*/results.json"),
                    key=lambda p: (p.parent.name.split("-")[0], "after" in p.parent.name))
@@ -252,15 +264,25 @@ def contention() -> str:
                      else f"{1e3 * loaded['median_s']:.1f} ms")
             ratio = "—" if row["ratio"] is None else f"×{row['ratio']:.1f}"
             relative = row.get("relative_to_forward")
+            if relative is None and row["ratio"] is not None:
+                # runs 5 and 6 wrote none (their forward rows carry a threads suffix): forward
+                # iteration's slowdown with the same threads variant, from the same run
+                suffix = row["solver"].partition(" ")[2]
+                forward = next((r["ratio"] for r in data["rows"]
+                                if r["solver"] == " ".join(filter(None, ("forward", suffix)))),
+                               None)
+                relative = row["ratio"] / forward if forward else None
             relative = "—" if relative is None else f"{relative:.2f}"
             ops = row.get("ops_per_solve")
             ops = "—" if ops is None else f"{ops:,}"
             # a threads=k row against the same solver's idle time with torch's thread count
             versus = row.get("ratio_to_default_idle") if row.get("threads") else row["ratio"]
             versus = "—" if versus is None else f"×{versus:.1f}"
+            threads = " / ".join(_threads_used(row[phase], row.get("threads"), data["threads"])
+                                 for phase in ("idle", "loaded"))
             lines.append(f"| `{row['solver']}` | {version} | {ops} "
                          f"| {1e3 * row['idle']['median_s']:.1f} "
-                         f"| {shown} | {ratio} | {relative} | {versus} |")
+                         f"| {shown} | {ratio} | {relative} | {versus} | {threads} |")
     return "\n".join(lines) + "\n\n" + "; ".join(commands) + ".\n"
 
 

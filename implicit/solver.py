@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import weakref
 from typing import Any, Callable, ClassVar, Optional, Union
 
@@ -69,15 +70,20 @@ def _compile_ok(instance, attribute, value) -> None:
                          "a host check per step); use safeguard=None or False")
 
 
-def _threads_ok(instance, attribute, value) -> None:
-    if value is not None:
+#: the ``threads`` option's value that picks the count per solve (:func:`auto_thread_count`)
+AUTO_THREADS = "auto"
+
+
+def check_threads(instance, attribute, value) -> None:
+    if value is not None and value != AUTO_THREADS:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"threads must be None or a positive int, got {value!r}")
+            raise TypeError(f"threads must be None, 'auto' or a positive int, got {value!r}")
         if value < 1:
             raise ValueError(f"threads must be at least 1, got {value}")
-    if value is not None and instance.compile:
-        raise ValueError("threads is an option of the eager loop: a compiled solve's kernels "
-                         "fix their thread count when they are compiled; use one or the other")
+        if instance.compile:
+            raise ValueError("threads is an option of the eager loop: a compiled solve's "
+                             "kernels fix their thread count when they are compiled; use one "
+                             "or the other")
 
 
 @attrs.frozen(kw_only=True)
@@ -138,12 +144,18 @@ class Solver(abc.ABC):
     #: compiled blocks of k steps, the test on the host between blocks
     block: Optional[int] = attrs.field(default=None, validator=v.optional(positive_int))
     #: torch's intra-op thread count while the solve runs on CPU (the eager loop), given back
-    #: afterwards: None (the default) leaves torch's setting alone. On a CPU shared with other
-    #: busy processes, ``threads=1`` ran Newton–Krylov's solve several times faster than
-    #: torch's count of all cores (``benchmarks/contention.py --threads default,1``); idle,
-    #: slower. The count is process-wide: other threads of the process see it meanwhile.
-    #: Not with compile=True (``ift(compile=...)`` leaves it off the adjoint it compiles)
-    threads: Optional[int] = attrs.field(default=None, validator=_threads_ok)
+    #: afterwards: None (the default; ``newton_krylov``'s is ``"auto"``) leaves torch's
+    #: setting alone; an int sets it; ``"auto"`` takes, at the start of each solve, torch's
+    #: count less the CPUs that other processes' runnable threads hold at that moment
+    #: (:func:`auto_thread_count`; at least 1). The count a solve ran at is in
+    #: ``Solution.stats["threads"]``. With one busy process beside it on the 2-core machine,
+    #: each solver's loaded solve ran 1.7–3.3× faster on 1 thread than on torch's 2
+    #: (``benchmarks/contention.py --threads torch,auto``); idle, "auto" kept 2. The count is
+    #: process-wide: other threads of the process see it meanwhile, and a different count may
+    #: round reductions differently. An int is refused with compile=True (``ift(compile=...)``
+    #: leaves it off the adjoint it compiles); ``"auto"`` is ignored there (compiled kernels
+    #: fix their own)
+    threads: Union[None, int, str] = attrs.field(default=None, validator=check_threads)
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> Any:
         """Algorithm state after the first evaluation ``fz = f(z)``; default: none."""
@@ -334,17 +346,60 @@ class FlatResult:
     solution: Solution
 
 
+def runnable_elsewhere() -> Optional[int]:
+    """Threads of other processes runnable on this machine right now (running or waiting for a
+    CPU), from Linux's ``/proc``: the kernel's count of runnable threads (``/proc/loadavg``)
+    less this process's own runnable ones. None where ``/proc`` cannot say (not Linux)."""
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+        own = 0
+        with os.scandir("/proc/self/task") as tasks:
+            for task in tasks:
+                with open(os.path.join(task.path, "stat")) as f:
+                    stat = f.read()
+                # "pid (comm) S ...": the state follows the last parenthesis (comm may hold any)
+                own += stat[stat.rindex(")") + 2] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, runnable - own)
+
+
+def auto_thread_count(default: int) -> int:
+    """``threads="auto"``: torch's count ``default``, less the CPUs that other processes'
+    runnable threads (:func:`runnable_elsewhere`) leave this one short of, and at least 1.
+    An OpenMP team of more threads than free CPUs waits at every barrier for a thread the
+    kernel has descheduled: on the 2-core machine with one busy process beside it, each of
+    the library's solvers ran its loaded solve 1.7–3.3× as fast on 1 thread as on 2
+    (``benchmarks/results/cpu-contention``, runs 5 and 6). One sample of the machine per
+    solve, about 40 µs (measured: 37 µs)."""
+    busy = runnable_elsewhere()
+    if busy is None:
+        return default
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or default
+    return max(1, min(default, cpus - busy))
+
+
 @contextlib.contextmanager
-def _thread_count(threads: int, z0: torch.Tensor):
+def _thread_count(threads: Union[int, str], z0: torch.Tensor):
     """The solver's ``threads`` option for one solve on CPU: torch's intra-op thread count
-    set to it, and given back afterwards (also when the solve raises)."""
+    set to it (or to :func:`auto_thread_count` for ``"auto"``), and given back afterwards
+    (also when the solve raises). Yields the count the solve runs at (None off the CPU)."""
+    if z0.device.type != "cpu":
+        yield None
+        return
     default = torch.get_num_threads()
-    if z0.device.type != "cpu" or threads == default:
-        yield
+    if threads == AUTO_THREADS:
+        threads = auto_thread_count(default)
+    if threads == default:
+        yield threads
         return
     torch.set_num_threads(threads)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(default)
 
@@ -380,10 +435,13 @@ def iterate(
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
     if solver.compile:
         return _compiled.iterate_compiled(solver, fn, z0, spec=spec, what=what)
-    if solver.threads is None:  # the default: no context to enter
+    if solver.threads is None:  # torch's setting: no context to enter
         return _iterate(solver, fn, z0, spec, what, fn_rows)
-    with _thread_count(solver.threads, z0):
-        return _iterate(solver, fn, z0, spec, what, fn_rows)
+    with _thread_count(solver.threads, z0) as threads:
+        result = _iterate(solver, fn, z0, spec, what, fn_rows)
+    if threads is not None:  # the count the solve ran at (CPU)
+        result.solution.stats["threads"] = threads
+    return result
 
 
 def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | None, what: str,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -9,6 +14,7 @@ import torch
 
 import implicit
 from implicit import ConvergenceError, ConvergenceWarning, Status
+from implicit import solver as solver_module
 
 
 def contraction(batch: int = 5, n: int = 4, rates=None, dtype=torch.float64):
@@ -332,10 +338,75 @@ def test_threads_option_sets_the_count_for_the_solve_and_gives_it_back(solver, t
     assert torch.get_num_threads() == 2  # given back when the solve raises too
 
 
+def test_auto_threads_leave_the_cpus_that_other_processes_hold(monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    for busy, default, expected in [(0, 2, min(2, cpus)), (cpus - 1, 2, 1), (cpus + 3, 2, 1),
+                                    (0, 1, 1), (1, cpus, max(1, cpus - 1))]:
+        monkeypatch.setattr(solver_module, "runnable_elsewhere", lambda busy=busy: busy)
+        assert solver_module.auto_thread_count(default) == expected, (busy, default)
+    monkeypatch.setattr(solver_module, "runnable_elsewhere", lambda: None)  # /proc unreadable
+    assert solver_module.auto_thread_count(3) == 3
+
+
+@pytest.mark.parametrize("busy", [0, 1])
+def test_auto_threads_pick_the_count_of_each_solve(busy, two_threads, monkeypatch):
+    # two CPUs, `busy` of them held by other processes: the solve runs on 2 - busy threads
+    monkeypatch.setattr(solver_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(solver_module, "runnable_elsewhere", lambda: busy)
+    fn, fixed = contraction()
+    seen = []
+
+    def counting(z):
+        seen.append(torch.get_num_threads())
+        return fn(z)
+
+    z0 = torch.zeros_like(fixed)
+    sol = implicit.solve(counting, z0, solver="anderson", tol=1e-10, max_iter=200,
+                         threads="auto")
+    assert bool(sol.converged.all()) and set(seen) == {2 - busy}
+    assert sol.stats["threads"] == 2 - busy  # the record says which count the solve ran at
+    assert torch.get_num_threads() == 2
+    # Newton–Krylov's default
+    assert implicit.make_solver("newton_krylov").threads == "auto"
+    seen.clear()
+    implicit.solve(counting, z0, solver="newton_krylov", tol=1e-10, max_iter=200)
+    assert set(seen) == {2 - busy} and torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="reads Linux's /proc")
+def test_runnable_elsewhere_sees_a_busy_process_and_not_this_ones_threads():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert max(solver_module.runnable_elsewhere() for _ in range(20)) >= 1
+    finally:
+        busy.kill()
+        busy.wait()
+    # this process's own busy threads are not "elsewhere" (a thread in a matrix product holds
+    # no GIL and stays runnable, and so do torch's worker threads)
+    stop = threading.Event()
+    a = torch.randn(400, 400)
+
+    def spin():
+        while not stop.is_set():
+            a @ a
+
+    worker = threading.Thread(target=spin, daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.1)
+        assert min(solver_module.runnable_elsewhere() for _ in range(40)) == 0
+    finally:
+        stop.set()
+        worker.join()
+
+
 def test_threads_option_is_checked():
     for bad, error in [(0, "at least 1"), (True, "positive int"), (1.5, "positive int"),
-                       ("auto", "positive int")]:
+                       ("two", "'auto' or a positive int")]:
         with pytest.raises(implicit.OptionError, match=error):
             implicit.make_solver("forward", threads=bad)
     with pytest.raises(implicit.OptionError, match="eager loop"):
         implicit.make_solver("anderson", threads=1, compile=True)
+    # "auto" is a policy, not a count: a compiled solve ignores it (its kernels fix their own)
+    assert implicit.make_solver("anderson", threads="auto", compile=True).threads == "auto"

@@ -31,6 +31,16 @@ backend's Newton–GMRES converges (the ``multiscale_32`` workload: 21 calls at 
   line-search trials (the differences' calls are counted in ``njvp``).
 
 ``max_iter`` bounds the calls of f on the batch, as for every solver.
+
+``threads="auto"`` is this solver's default (the others keep torch's setting unless asked):
+each solve takes torch's thread count less the CPUs that other processes' runnable threads hold
+at its start (:func:`implicit.solver.auto_thread_count`). With one busy process beside it on
+the 2-core machine, the ResNet quick solve took 4.4–5.1× its idle time on torch's 2 threads —
+as much as forward iteration's slowdown: the cell's own convolutions wait at their thread
+barriers — and 2.0–2.1× with ``"auto"``, which ran it on 1 thread there and on 2 idle
+(``benchmarks/results/cpu-contention``, runs 5 and 6). A solve here takes tens of
+milliseconds or more, so the look at the machine (~40 µs) is free; ``threads=None`` keeps
+torch's count.
 """
 
 from __future__ import annotations
@@ -88,6 +98,9 @@ class NewtonKrylov(implicit.Solver):
     jvp: str = attrs.field(default="auto",
                            validator=one_of("auto", "forward_ad", "finite_difference"))
     line_search: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    #: ``"auto"`` here (see the module docstring); the option is the base class's
+    threads: Any = attrs.field(default=implicit.solver.AUTO_THREADS,
+                               validator=implicit.solver.check_threads)
 
     def resolved_backend(self, z: torch.Tensor) -> str:
         if self.backend != "auto":
