@@ -147,7 +147,7 @@ class Solver(abc.ABC):
     #: afterwards: None (the default; ``newton_krylov``'s is ``"auto"``) leaves torch's
     #: setting alone; an int sets it; ``"auto"`` takes, at the start of each solve, torch's
     #: count less the CPUs that other processes' runnable threads hold at that moment
-    #: (:func:`auto_thread_count`; at least 1). The count a solve ran at is in
+    #: (:func:`implicit.solver.auto_thread_count`; at least 1). The count a solve ran at is in
     #: ``Solution.stats["threads"]``. With one busy process beside it on the 2-core machine,
     #: each solver's loaded solve ran 1.7–3.3× faster on 1 thread than on torch's 2
     #: (``benchmarks/contention.py --threads torch,auto``); idle, "auto" kept 2. The count is
