@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import attrs
 import numpy as np
@@ -99,8 +99,8 @@ class NewtonKrylov(implicit.Solver):
                            validator=one_of("auto", "forward_ad", "finite_difference"))
     line_search: bool = attrs.field(default=True, validator=v.instance_of(bool))
     #: ``"auto"`` here (see the module docstring); the option is the base class's
-    threads: Any = attrs.field(default=implicit.solver.AUTO_THREADS,
-                               validator=implicit.solver.check_threads)
+    threads: Union[None, int, str] = attrs.field(default=implicit.solver.AUTO_THREADS,
+                                                 validator=implicit.solver.check_threads)
 
     def resolved_backend(self, z: torch.Tensor) -> str:
         if self.backend != "auto":
