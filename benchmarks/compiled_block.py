@@ -125,16 +125,18 @@ def main(argv=None) -> int:
                     unit = "block"
                 for run in runs.values():
                     run()
-                def burst(call, z=z0, calls=calls):
+                def burst(call, z, calls=calls):
                     for _ in range(calls):
                         call(z)
 
-                # the cell as ``implicit bench`` times its floor: a burst of the solve's calls
-                # (on this shared machine one call of a tenth of a millisecond finds a quiet
-                # moment far more often than a solve of ten calls does)
+                # the cell as ``implicit bench`` times its floor: the cell's own update on the
+                # state's shape (not the solve's flat map around it), in a burst of the solve's
+                # calls (on this shared machine one call of a tenth of a millisecond finds a
+                # quiet moment far more often than a solve of ten calls does)
                 cands = {
-                    "cell": functools.partial(burst, fn),
-                    "cell compiled": functools.partial(burst, alone),
+                    "cell": functools.partial(burst, functools.partial(update_of, cell, u=u),
+                                              z_state),
+                    "cell compiled": functools.partial(burst, alone, z0),
                     f"{unit} 1": runs[1],
                     f"{unit} {args.steps}": runs[args.steps],
                     "solve": lambda: implicit.iterate(layer.solver, fn, z0),
