@@ -67,7 +67,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-#: seconds the two ranks may take together (about 5 s on the 2-core CI machine)
+#: seconds the two ranks may take together (2–3 s on the 2-core machine)
 DEADLINE = 180
 
 
