@@ -41,6 +41,12 @@ What keeps the compiled graph fixed:
   its ``m`` history slots as a ring (slot ``count mod m`` written) with the unfilled slots
   masked out of its least squares, so nothing changes shape, and no Python number changes
   value, as the history fills;
+* without grad, the whole-solve loop holds the tensors a solver names in ``static_inplace``
+  (Anderson's two (B, m, n) histories) outside its carry, and the step writes its new slot
+  into them (:func:`holds_in_place`): a ``torch.while_loop`` body may write into tensors it
+  closes over when grad is off. Carried, each history is rebuilt whole at every step. A map
+  that cannot be compiled that way (a ``torch.func`` transform inside it, as in the compiled
+  adjoint) is compiled again carrying them, and remembered;
 * between blocks, the loop's per-sample numbers and flags travel packed in four tensors (every
   tensor argument of a compiled function is checked by its guards on every call);
 * ``f`` is an argument of the compiled function (guarded on its code, not on the closure
@@ -74,8 +80,9 @@ from .state import StateSpec
 #: options (tol, max_iter) symbolic, which a ``torch.while_loop`` cannot take in
 _SERIAL = itertools.count()
 
-#: sets of compiled functions kept (one per solver options × block length × device type)
-CACHE_SIZE = 16
+#: sets of compiled functions kept (one per solver options × block length × device type ×
+#: whether they hold tensors in place)
+CACHE_SIZE = 32
 
 #: maps (by code object) whose calls could not be traced into a ``torch.while_loop`` body or a
 #: ``torch.cond`` branch
@@ -171,14 +178,18 @@ def _unchanged(z: torch.Tensor) -> torch.Tensor:
     return z.clone()  # a torch.cond branch may not return its input itself
 
 
-def _step(solver, fn: Callable, c: dict, state: Any):
+def _step(solver, fn: Callable, c: dict, state: Any, inplace: bool = False):
     """One step of the loop on the unpacked carry ``c``: the solver's fixed-shape step (one
-    call of ``fn``), then the loop's per-sample rules as masks. Returns ``(c, state)``."""
+    call of ``fn``; ``inplace``: it writes into the state's tensors under the solver's
+    ``static_inplace`` keys), then the loop's per-sample rules as masks. Returns ``(c,
+    state)``."""
     keep_last = solver.returns == "last"
     stop_abs = solver.stop == "abs"
     active = c["active"]
-    z_new, fz_new, g_new, state = solver.static_step(fn, c["z"], c["fz"], c["fz"] - c["z"],
-                                                     state, active)
+    # (inplace is passed only when true: a solver without in-place keys need not take it)
+    z_new, fz_new, g_new, state = solver.static_step(
+        fn, c["z"], c["fz"], c["fz"] - c["z"], state, active,
+        **({"inplace": True} if inplace else {}))
     abs_new, rel_new, scale_new = _norms(g_new, fz_new)
     metric_new = abs_new if stop_abs else rel_new
     best_metric = c["best_abs"] if stop_abs else c["best_rel"]
@@ -262,17 +273,21 @@ def _finish(c: dict):
 _CARRIED = ("z", "fz", "best_z", "nfe", "best_abs", "best_rel", "scale") + _FLAGS
 
 
-def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor):
+def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor, hold: bool = True):
     """The whole solve after the first call ``fz = f(z)``, as one ``torch.while_loop``: steps
     while any sample is active and the budget has calls left, so the loop makes exactly the
     eager loop's calls, with no host synchronisation until it is over. Returns ``_finish``'s
     tuple with ``summary`` extended by the calls made (the first one included), then ``nfe``
-    and the solver's final state."""
+    and the solver's final state. ``hold``: whether the loop may hold the solver's in-place
+    tensors (:func:`holds_in_place`)."""
     from torch._higher_order_ops.while_loop import while_loop
 
     c = _start(solver, z, fz)
     constants = {"limit": c["limit"], "size_limit": c["size_limit"]}
-    leaves, tree = torch.utils._pytree.tree_flatten(solver.static_init(z, fz, fz - z))
+    state = solver.static_init(z, fz, fz - z)
+    # the tensors the step writes into (held by the body, not carried: see `holds_in_place`)
+    held = {k: state.pop(k) for k in holds_in_place(solver, hold)}
+    leaves, tree = torch.utils._pytree.tree_flatten(state)
     n = len(_CARRIED)
     active = _CARRIED.index("active")
     budget = int(solver.max_iter)
@@ -282,8 +297,9 @@ def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor):
 
     def step(calls, *carried):
         c = {**dict(zip(_CARRIED, carried[:n])), **constants}
-        c, state = _step(solver, fn, c, torch.utils._pytree.tree_unflatten(
-            list(carried[n:]), tree))
+        state = torch.utils._pytree.tree_unflatten(list(carried[n:]), tree)
+        c, state = _step(solver, fn, c, {**state, **held}, inplace=bool(held))
+        state = {k: v for k, v in state.items() if k not in held} if held else state
         return (calls + 1, *[c[k] for k in _CARRIED],
                 *torch.utils._pytree.tree_flatten(state)[0])
 
@@ -293,8 +309,48 @@ def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor):
         *[c[k].clone() for k in _CARRIED], *[t.clone() for t in leaves]))
     final = {**dict(zip(_CARRIED, carried[:n])), **constants}
     *outputs, summary = _finish(final)
+    state = torch.utils._pytree.tree_unflatten(carried[n:], tree)
     return (*outputs, torch.cat([summary, calls.double().reshape(1)]), final["nfe"],
-            torch.utils._pytree.tree_unflatten(carried[n:], tree))
+            {**state, **held} if held else state)
+
+
+def holds_in_place(solver, hold: bool = True) -> tuple:
+    """The keys of ``solver``'s static state that the whole-solve loop holds outside its
+    carry and the step writes into (``static_step(..., inplace=True)``): the solver's
+    ``static_inplace`` keys when ``hold`` and grad is off, else none. A ``torch.while_loop``
+    body may write into tensors it closes over only without grad (dynamo refuses it under
+    grad); carried, Anderson's (B, m, n) histories are rebuilt whole at every step, where held,
+    one slot of each is written (``docs/results/compiled.md``). The compiled function is
+    guarded on the grad mode, so each mode has its own graph."""
+    return tuple(type(solver).static_inplace) if hold and not torch.is_grad_enabled() else ()
+
+
+#: maps (by code object; a fused solve by its cell's type) whose whole solve could not be
+#: compiled with the solver's tensors held in place, and could without: a map that runs a
+#: ``torch.func`` transform (the compiled adjoint's ``vjp``) breaks functionalization there
+_NO_HOLD: dict = {}
+
+
+def _whole_call(solver, steps: int, device_type: str, key: Any, call: Callable):
+    """``call(parts)`` with the compiled functions (:func:`compiled_parts`) of a whole solve:
+    first those that hold the solver's in-place tensors (:func:`holds_in_place`), where they
+    would hold any and have not failed for ``key`` before; if they fail, those that do not
+    (and ``key`` is remembered if these work). Returns ``(result, held)``; raises what the
+    last try raised."""
+    if holds_in_place(solver) and _NO_HOLD.get(key, True):
+        try:
+            return call(compiled_parts(solver, steps, device_type, hold=True)), True
+        except Exception:
+            result = call(compiled_parts(solver, steps, device_type, hold=False))
+            _NO_HOLD[key] = False
+            return result, False
+    return call(compiled_parts(solver, steps, device_type, hold=False)), False
+
+
+def _in_place_stats(solver, held: bool) -> dict:
+    """``{"in_place": held}`` for a whole solve by a solver with in-place keys: whether its
+    loop held them."""
+    return {"in_place": held} if type(solver).static_inplace else {}
 
 
 #: block length of the fallback for maps that cannot be traced into a ``torch.while_loop``
@@ -302,7 +358,7 @@ FALLBACK_BLOCK = 4
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def compiled_parts(solver, steps: int, device_type: str = "cpu"):
+def compiled_parts(solver, steps: int, device_type: str = "cpu", hold: bool = True):
     """The compiled functions of a solve with ``solver``, as attributes of a namespace:
     ``whole(fn, z)``, the whole solve, its first call of ``fn`` included (``_whole``);
     ``fused(prepare, cell, x, state0)``, the same solve of the map that ``prepare(cell, x,
@@ -311,8 +367,9 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
     -> (carry, state, flags)``, ``steps`` loop steps that skip the calls of ``fn`` once no
     sample is active; ``plain``, the same without skipping (for maps that cannot be traced
     into a ``torch.cond`` branch, e.g. a VJP through autograd); and ``finish(carry)`` (see
-    ``_finish``). Cached by the solver's options, the backend among them, ``steps`` and the
-    device type.
+    ``_finish``). ``hold``: whether ``whole`` and ``fused`` may hold the solver's in-place
+    tensors (:func:`holds_in_place`). Cached by the solver's options, the backend among them,
+    ``steps``, the device type and ``hold``.
 
     On CPU, inductor writes the code around its kernels in C++ (``cpp_wrapper``): in Python,
     allocating and checking every buffer of a step cost about 30 µs a step on a tanh d=256
@@ -334,11 +391,11 @@ def compiled_parts(solver, steps: int, device_type: str = "cpu"):
         return torch.compile(renamed, backend=backend, options=options)
 
     def whole(fn, z):
-        return _whole(solver, fn, z, fn(z))
+        return _whole(solver, fn, z, fn(z), hold)
 
     def fused(prepare, cell, x, state0):
         fn, z, shape = prepare(cell, x, state0)
-        best_z, *rest = _whole(solver, fn, z, fn(z))
+        best_z, *rest = _whole(solver, fn, z, fn(z), hold)
         return (best_z.view(shape), *rest)
 
     def start(z, fz):
@@ -407,7 +464,6 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
         raise TypeError(f"solver {solver.name!r} has no fixed-shape step; compile=True works "
                         "with solvers that set static = True (forward, anderson)")
     steps = int(solver.block) if solver.block is not None else FALLBACK_BLOCK
-    parts = compiled_parts(solver, steps, z0.device.type)
     z = z0.contiguous()
     traceable = _TRACEABLE.get(fn.__code__, True)
     result = failure = None
@@ -417,14 +473,15 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
         # loop's body, and a wrong shape does not trace; either way the eager first call below
         # then says what is wrong
         try:
-            result = parts.whole(fn, z)
+            result, held = _whole_call(solver, FALLBACK_BLOCK, z.device.type, fn.__code__,
+                                       lambda parts: parts.whole(fn, z))
         except Exception as exc:
             failure = exc
     if result is not None:
         *outputs, summary, nfe, state = result
         summary = summary.tolist()
         calls = int(summary.pop())
-        stats = {"loop": "while", "loop_steps": calls - 1}
+        stats = {"loop": "while", "loop_steps": calls - 1, **_in_place_stats(solver, held)}
     else:
         # the first call eagerly, through the loop's own checks: f's shape, and that f does
         # not write into its iterate (in compiled code such a write would be traced silently)
@@ -437,7 +494,8 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
                          "block")
             traceable = False
         (*outputs, summary), nfe, state, calls, stats = _blocks(
-            solver, parts, fn, z, fz, skipping=traceable)
+            solver, compiled_parts(solver, steps, z.device.type), fn, z, fz,
+            skipping=traceable)
         summary = summary.tolist()
     record = _record(solver, outputs, summary, nfe, state, calls, stats,
                      spec.unflatten(outputs[0].detach()) if spec is not None
@@ -487,13 +545,15 @@ def solve_fused(solver, prepare: Callable, cell: torch.nn.Module, x: Any,
     where the call could not be compiled or run: the caller then takes its general path,
     which makes the same solve and says clearly what is wrong, if anything is. A record whose
     status the solver's policy rejects raises as any solve's does."""
-    parts = compiled_parts(solver, FALLBACK_BLOCK, device_type)
     try:
-        z, *outputs, summary, nfe, state = parts.fused(prepare, cell, x, state0)
+        (z, *outputs, summary, nfe, state), held = _whole_call(
+            solver, FALLBACK_BLOCK, device_type, ("fused", type(cell)),
+            lambda parts: parts.fused(prepare, cell, x, state0))
     except Exception as exc:
         raise FusedUnavailable(str(exc)) from exc
     summary = summary.tolist()
     calls = int(summary.pop())
-    stats = {"loop": "while", "loop_steps": calls - 1, "fused": True}
+    stats = {"loop": "while", "loop_steps": calls - 1, "fused": True,
+             **_in_place_stats(solver, held)}
     z = z.detach()
     return z, _record(solver, (z, *outputs), summary, nfe, state, calls, stats, z, what)

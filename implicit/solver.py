@@ -124,6 +124,9 @@ class Solver(abc.ABC):
     selectable: ClassVar[bool] = False
     #: whether :meth:`static_init` / :meth:`static_step` give a fixed-shape step (compile=True)
     static: ClassVar[bool] = False
+    #: keys of :meth:`static_init`'s dict whose tensors :meth:`static_step` may update by
+    #: writing into them, when it is called with ``inplace=True`` (e.g. Anderson's histories)
+    static_inplace: ClassVar[tuple[str, ...]] = ()
 
     tol: float = attrs.field(default=1e-4, validator=nonnegative_number)
     max_iter: int = attrs.field(default=50, validator=positive_int)
@@ -182,16 +185,24 @@ class Solver(abc.ABC):
 
     def static_init(self, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor) -> Any:
         """The fixed-shape state of the compiled path (:mod:`implicit.compiled`): tensors
-        only, whose shapes do not change over the solve. Default: no state."""
+        only, whose shapes do not change over the solve (a dict where :attr:`static_inplace`
+        names some of its keys). Default: no state."""
         return ()
 
     def static_step(self, fn: FlatFn, z: torch.Tensor, fz: torch.Tensor, g: torch.Tensor,
-                    state: Any, active: torch.Tensor):
+                    state: Any, active: torch.Tensor, inplace: bool = False):
         """One step of the compiled path: exactly one call of ``fn`` on the whole batch, no
         host synchronisation, no Python value that changes from step to step, and no write into
         the tensors of ``state`` (the step runs inside a ``torch.while_loop``); returns
         ``(z_next, fz_next, g_next, state)`` with ``g_next = fz_next − z_next``. ``active``:
-        the ``(B,)`` mask of samples the loop still counts."""
+        the ``(B,)`` mask of samples the loop still counts.
+
+        ``inplace=True`` (only for a solver that names keys in :attr:`static_inplace`): the
+        tensors under those keys are held by the loop, not carried, and the step updates them
+        by writing into them, returning them under the same keys. The whole-solve loop does
+        this when grad is off (a ``torch.while_loop`` body may then write into tensors it
+        closes over): a history of ``m`` slots then costs one slot's write a step, not a
+        rebuilt copy of all ``m``."""
         raise NotImplementedError(f"solver {self.name!r} has no fixed-shape step")
 
     def static_stats(self, state: Any) -> dict:

@@ -34,13 +34,17 @@ def _problem(batch: int = 10, n: int = 6, dtype=torch.float64):
 @pytest.mark.parametrize("name", ["forward", "anderson"])
 @pytest.mark.parametrize("block", [None, 1, 4])
 @pytest.mark.parametrize("stop", ["abs", "rel"])
-def test_compiled_solve_keeps_the_eager_record(name, block, stop):
+@pytest.mark.parametrize("grad", [True, False])
+def test_compiled_solve_keeps_the_eager_record(name, block, stop, grad):
     fn = _problem()
     options = dict(tol=1e-9, stop=stop, max_iter=45, policy="ignore", divergence_factor=1e3)
     eager = implicit.iterate(implicit.make_solver(name, **options), fn,
                              torch.zeros(10, 6, dtype=torch.float64))
     solver = implicit.make_solver(name, compile="aot_eager", block=block, **options)
-    compiled = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64))
+    # without grad, the whole loop writes Anderson's histories in place (with grad, it
+    # carries them): both must keep the eager record, over many turns of the m = 5 ring
+    with torch.set_grad_enabled(grad):
+        compiled = implicit.iterate(solver, fn, torch.zeros(10, 6, dtype=torch.float64))
     e, c = eager.solution, compiled.solution
     assert len(set(e.sample_status.tolist())) >= 2  # samples stopped in different ways
     for field in ("nfe", "sample_status", "converged"):
@@ -57,6 +61,7 @@ def test_compiled_solve_keeps_the_eager_record(name, block, stop):
         assert c.stats["compiled_blocks"] >= 1
     if name == "anderson":
         assert c.stats["fallbacks"] == e.stats["fallbacks"]
+        assert c.stats.get("in_place") is (None if block else not grad)
 
 
 def test_compiled_solve_stays_within_the_budget():
@@ -161,6 +166,9 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
         cell.zero_grad()
     (z0, s0, b0), (z1, s1, b1) = records[False], records[True]
     assert s1.stats["loop"] == "while" and b1.stats["loop"] == "while"
+    # the forward solve writes its histories in place; the adjoint's torch.func.vjp cannot be
+    # compiled with them held, and it carries them instead (still one while loop)
+    assert s1.stats["in_place"] is True and b1.stats["in_place"] is False
     torch.testing.assert_close(z1, z0, rtol=0, atol=1e-5)
     assert torch.equal(s1.nfe, s0.nfe) and s1.all_converged and b1.all_converged
     assert torch.equal(b1.nfe, b0.nfe)
