@@ -47,9 +47,8 @@ What keeps the compiled graph fixed:
   closes over when grad is off. Carried, each history is rebuilt whole at every step. A map
   that cannot be compiled that way (a ``torch.func`` transform inside it, as in the compiled
   adjoint) is compiled again carrying them, and remembered;
-* the loop's per-sample numbers and flags travel packed in four tensors, between blocks
-  (every tensor argument of a compiled function is checked by its guards on every call) and
-  from step to step of the while loop (every carried tensor is a new buffer at every step);
+* between blocks, the loop's per-sample numbers and flags travel packed in four tensors (every
+  tensor argument of a compiled function is checked by its guards on every call);
 * ``f`` is an argument of the compiled function (guarded on its code, not on the closure
   object a new batch makes), so a DEQ's per-batch map does not recompile;
 * shapes: the first call compiles for its shapes; a call with another batch size recompiles
@@ -132,8 +131,7 @@ def _meets(solver, metric: torch.Tensor, scale: torch.Tensor):
 
 #: the per-sample numbers and flags of the carry, each packed into one tensor: every tensor
 #: argument of a compiled function costs guard checks on every call, and on a small state a
-#: block's fixed cost was mostly those (measured: 16 carry tensors → 4 cut it by about 40 µs);
-#: the whole-solve loop carries the same four (see `_whole`)
+#: block's fixed cost was mostly those (measured: 16 carry tensors → 4 cut it by about 40 µs)
 _NUMBERS = ("best_abs", "best_rel", "scale", "limit", "size_limit")
 _FLAGS = ("converged", "nonfinite", "diverged", "imprecise", "held", "active")
 
@@ -269,45 +267,49 @@ def _finish(c: dict):
             c["converged"].clone(), codes, summary)
 
 
+#: what the whole-solve loop carries from step to step (``limit`` and ``size_limit`` do not
+#: change: they enter the loop's body as constants, since a carried value that a step returns
+#: unchanged would alias its input, which ``torch.while_loop`` refuses)
+_CARRIED = ("z", "fz", "best_z", "nfe", "best_abs", "best_rel", "scale") + _FLAGS
+
+
 def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor, hold: bool = True):
     """The whole solve after the first call ``fz = f(z)``, as one ``torch.while_loop``: steps
     while any sample is active and the budget has calls left, so the loop makes exactly the
     eager loop's calls, with no host synchronisation until it is over. Returns ``_finish``'s
     tuple with ``summary`` extended by the calls made (the first one included), then ``nfe``
     and the solver's final state. ``hold``: whether the loop may hold the solver's in-place
-    tensors (:func:`holds_in_place`).
-
-    The loop carries the block loop's packed carry (:func:`_pack`: four tensors, not one per
-    number and flag): every carried tensor is a new buffer at every step, and the packed carry
-    made a tanh d=256 batch 64 forward 2 % faster than 13 separate ones, for both solvers
-    (``docs/results/compiled.md``)."""
+    tensors (:func:`holds_in_place`)."""
     from torch._higher_order_ops.while_loop import while_loop
 
+    c = _start(solver, z, fz)
+    constants = {"limit": c["limit"], "size_limit": c["size_limit"]}
     state = solver.static_init(z, fz, fz - z)
     # the tensors the step writes into (held by the body, not carried: see `holds_in_place`)
     held = {k: state.pop(k) for k in holds_in_place(solver, hold)}
     leaves, tree = torch.utils._pytree.tree_flatten(state)
-    active = _FLAGS.index("active")
+    n = len(_CARRIED)
+    active = _CARRIED.index("active")
     budget = int(solver.max_iter)
 
-    def more(calls, states, numbers, flags, nfe, *leaves):
-        return flags[:, active].any() & (calls < budget)
+    def more(calls, *carried):
+        return carried[active].any() & (calls < budget)
 
     def step(calls, *carried):
-        state = torch.utils._pytree.tree_unflatten(list(carried[4:]), tree)
-        c, state = _step(solver, fn, _unpack(carried[:4]), {**state, **held},
-                         inplace=bool(held))
+        c = {**dict(zip(_CARRIED, carried[:n])), **constants}
+        state = torch.utils._pytree.tree_unflatten(list(carried[n:]), tree)
+        c, state = _step(solver, fn, c, {**state, **held}, inplace=bool(held))
         state = {k: v for k, v in state.items() if k not in held} if held else state
-        return (calls + 1, *_pack(c), *torch.utils._pytree.tree_flatten(state)[0])
+        return (calls + 1, *[c[k] for k in _CARRIED],
+                *torch.utils._pytree.tree_flatten(state)[0])
 
-    # (the packed carry is made anew, so no input aliases another; the state's leaves are
-    # cloned for the same reason)
+    # each carried tensor its own (z is also best_z at the start: inputs may not alias)
     calls, *carried = while_loop(more, step, (
-        torch.ones((), dtype=torch.int64, device=z.device), *_pack(_start(solver, z, fz)),
-        *[t.clone() for t in leaves]))
-    final = _unpack(carried[:4])
+        torch.ones((), dtype=torch.int64, device=z.device),
+        *[c[k].clone() for k in _CARRIED], *[t.clone() for t in leaves]))
+    final = {**dict(zip(_CARRIED, carried[:n])), **constants}
     *outputs, summary = _finish(final)
-    state = torch.utils._pytree.tree_unflatten(carried[4:], tree)
+    state = torch.utils._pytree.tree_unflatten(carried[n:], tree)
     return (*outputs, torch.cat([summary, calls.double().reshape(1)]), final["nfe"],
             {**state, **held} if held else state)
 
