@@ -71,6 +71,7 @@ from typing import Any, Callable
 
 import torch
 
+from .registry import PluginError
 from .solution import Solution, Status, apply_policy
 from .solver import Evaluator, FlatResult, _norms  # _norms: the eager loop's residual norms
 from .state import StateSpec
@@ -331,13 +332,41 @@ def holds_in_place(solver, hold: bool = True) -> tuple:
 _NO_HOLD: dict = {}
 
 
-def _whole_call(solver, steps: int, device_type: str, key: Any, call: Callable):
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def check_inplace_keys(solver, dtype: torch.dtype = torch.float32, device_type: str = "cpu"):
+    """Raise :class:`~implicit.registry.PluginError` unless every key that ``solver`` names in
+    ``static_inplace`` is a tensor of the dict its ``static_init`` returns (probed eagerly, on
+    a two-sample state, once per solver options, dtype and device type). Checked before the
+    whole solve is compiled to hold them: a wrong name would otherwise fail inside the
+    compiled loop, where it looks like a map that cannot be held in place, and the solve
+    would run carrying its state instead, slower, with nothing said."""
+    names = tuple(type(solver).static_inplace)
+    if not names:
+        return
+    z = torch.zeros(2, 3, dtype=dtype, device=device_type)
+    state = solver.static_init(z, z, z)
+    keys = sorted(state) if isinstance(state, dict) else None
+    wrong = [k for k in names
+             if keys is None or k not in state or not isinstance(state[k], torch.Tensor)]
+    if wrong:
+        have = (f"its static_init returns a dict with keys {keys}" if keys is not None
+                else f"its static_init returns a {type(state).__name__}, not a dict")
+        raise PluginError(
+            f"solver {solver.name!r} ({type(solver).__qualname__}) names {wrong} in "
+            f"static_inplace, but {have} whose tensors are not under those names: "
+            "static_inplace must name tensors of static_init's dict (or be empty)")
+
+
+def _whole_call(solver, steps: int, device_type: str, key: Any, call: Callable,
+                dtype: torch.dtype = torch.float32):
     """``call(parts)`` with the compiled functions (:func:`compiled_parts`) of a whole solve:
-    first those that hold the solver's in-place tensors (:func:`holds_in_place`), where they
-    would hold any and have not failed for ``key`` before; if they fail, those that do not
-    (and ``key`` is remembered if these work). Returns ``(result, held)``; raises what the
-    last try raised."""
+    first those that hold the solver's in-place tensors (:func:`holds_in_place`; their
+    declaration checked first, :func:`check_inplace_keys`), where they would hold any and
+    have not failed for ``key`` before; if they fail, those that do not (and ``key`` is
+    remembered if these work). Returns ``(result, held)``; raises what the last try
+    raised."""
     if holds_in_place(solver) and _NO_HOLD.get(key, True):
+        check_inplace_keys(solver, dtype, device_type)
         try:
             return call(compiled_parts(solver, steps, device_type, hold=True)), True
         except Exception:
@@ -474,7 +503,9 @@ def iterate_compiled(solver, fn: Callable[[torch.Tensor], torch.Tensor], z0: tor
         # then says what is wrong
         try:
             result, held = _whole_call(solver, FALLBACK_BLOCK, z.device.type, fn.__code__,
-                                       lambda parts: parts.whole(fn, z))
+                                       lambda parts: parts.whole(fn, z), z.dtype)
+        except PluginError:
+            raise
         except Exception as exc:
             failure = exc
     if result is not None:
@@ -548,7 +579,9 @@ def solve_fused(solver, prepare: Callable, cell: torch.nn.Module, x: Any,
     try:
         (z, *outputs, summary, nfe, state), held = _whole_call(
             solver, FALLBACK_BLOCK, device_type, ("fused", type(cell)),
-            lambda parts: parts.fused(prepare, cell, x, state0))
+            lambda parts: parts.fused(prepare, cell, x, state0), state0.dtype)
+    except PluginError:
+        raise
     except Exception as exc:
         raise FusedUnavailable(str(exc)) from exc
     summary = summary.tolist()

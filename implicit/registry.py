@@ -38,7 +38,8 @@ _HOOKS = {
 
 
 class PluginError(RuntimeError):
-    """A plugin failed to load or registered something malformed."""
+    """A plugin failed to load, registered something malformed, or declares what its code
+    does not keep (e.g. a solver's ``static_inplace`` naming a key its ``static_init`` lacks)."""
 
 
 class UnknownPluginError(LookupError):

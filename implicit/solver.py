@@ -125,7 +125,8 @@ class Solver(abc.ABC):
     #: whether :meth:`static_init` / :meth:`static_step` give a fixed-shape step (compile=True)
     static: ClassVar[bool] = False
     #: keys of :meth:`static_init`'s dict whose tensors :meth:`static_step` may update by
-    #: writing into them, when it is called with ``inplace=True`` (e.g. Anderson's histories)
+    #: writing into them, when it is called with ``inplace=True`` (e.g. Anderson's histories);
+    #: checked against :meth:`static_init` before a compiled solve (a :class:`~implicit.PluginError`)
     static_inplace: ClassVar[tuple[str, ...]] = ()
 
     tol: float = attrs.field(default=1e-4, validator=nonnegative_number)

@@ -144,6 +144,22 @@ def test_compiled_path_refusals_are_clear():
         implicit.make_solver("anderson", compile=1)
 
 
+def test_a_solver_naming_a_missing_in_place_tensor_is_told_so():
+    # a plugin whose static_inplace names what its static_init does not return: the loop
+    # could not hold it, and would quietly carry the state instead (slower, nothing said)
+    anderson = type(implicit.make_solver("anderson"))
+    misnamed = attrs.frozen(kw_only=True)(
+        type("Misnamed", (anderson,), {"static_inplace": ("Y", "history")}))
+    solver = misnamed(compile="aot_eager", max_iter=10, policy="ignore")
+    with torch.no_grad(), pytest.raises(
+            implicit.PluginError, match=r"names \['history'\] in static_inplace, but its "
+            r"static_init returns a dict with keys \['G', 'Y', 'count', 'fallbacks', 'gram'\]"):
+        implicit.iterate(solver, _problem(), torch.zeros(10, 6, dtype=torch.float64))
+    with torch.enable_grad():  # with grad nothing is held in place: the solve runs
+        assert implicit.iterate(solver, _problem(), torch.zeros(10, 6, dtype=torch.float64)
+                                ).solution.stats["loop"] == "while"
+
+
 def test_deq_training_step_compiled_with_inductor_matches_eager():
     """The real thing: inductor compiles the forward solve and the (damped, training-mode)
     adjoint, each one while loop (the adjoint's products by torch.func.vjp), of a DEQ on a
