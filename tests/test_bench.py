@@ -194,6 +194,31 @@ def test_a_compiled_solver_is_timed_side_by_side_with_its_eager_twin():
     assert measure(attrs.evolve(combo, solver_options={}))["eager_side_by_side"] is None
 
 
+def test_every_timed_forward_and_burst_follows_an_untimed_one(monkeypatch):
+    """A call right after other work runs slower than in a loop of its own (a compiled forward
+    6-9 % after an eager one or after idle time: benchmarks/preceding_work.py), so each timed
+    call is the second of two: the work before it is then the same for every layer."""
+    import importlib
+
+    measure_module = importlib.import_module("implicit.bench.measure")  # (not the function)
+    calls = []
+
+    def spy(fn, device, repeat, warmup=1):
+        calls.append((warmup, repeat))
+        return timed(fn, device, repeat, warmup)
+
+    timed = measure_module.timed
+    monkeypatch.setattr(measure_module, "timed", spy)
+    combo = Combination(solver="anderson", cell="tanh", workload="tanh_d256", backward="ift",
+                        solver_options={"compile": "eager"}, batch=8, repeat=3)
+    record = measure_module.measure(combo)
+    assert record["error"] is None, record.get("traceback")
+    assert record["forward_time_method"] == measure_module.FORWARD_TIME_METHOD
+    # a first warm-up of the cell's kernels, then per round the burst, the compiled layer and
+    # its eager twin, each timed once after an untimed call
+    assert len(calls) == 1 + 3 * 3 and all(c == (1, 1) for c in calls[1:]), calls
+
+
 def test_the_compile_environment_recorded_is_what_the_user_set():
     """``import torch._dynamo`` sets TORCHINDUCTOR_CACHE_DIR to its default itself: not a setting
     of the run. What the user set (e.g. cold caches) is kept."""

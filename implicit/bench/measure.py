@@ -75,6 +75,12 @@ def plugin_label(name: str, options: dict) -> str:
     return name + "(" + ",".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
 
 
+#: how forward solves and cell bursts are timed (records without ``forward_time_method``: each
+#: timed call right after the other turns' work, with no untimed call of its own before it)
+FORWARD_TIME_METHOD = ("each timed forward (and cell burst) right after an untimed one of the "
+                       "same; the layers and bursts take turns, repeat times")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -280,7 +286,12 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         }
 
     # time to tolerance (forward, no graph), each repeat right after timing a burst of
-    # n_calls cell evaluations, so the floor ratio compares like with like on a noisy machine
+    # n_calls cell evaluations, so the floor ratio compares like with like on a noisy machine.
+    # Each timed call (a burst, a forward) follows an untimed one of the same thing: a call
+    # right after other work runs slower than in a loop of its own (a compiled tanh Anderson
+    # forward 9-11 % slower after an eager twin's forward, and as much after 1.5 ms of pure
+    # Python: docs/results/compiled.md), and which work came before would otherwise decide
+    # the ratio rather than the solve. The turns still interleave, so drift hits all alike
     fwd_times, cell_times, twin_fwd_times = [], [], []
     timed_layers = [(layer, fwd_times)] + ([(twin, twin_fwd_times)] if twin else [])
     with torch.no_grad():
@@ -294,9 +305,9 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
                 update_of(cell, z0, u)
 
         for i in range(combo.repeat):
-            cell_times += [t / burst for t in timed(cells, device, 1, warmup=0)]
+            cell_times += [t / burst for t in timed(cells, device, 1, warmup=1)]
             for each, times in (timed_layers if i % 2 == 0 else timed_layers[::-1]):
-                times += timed(lambda: each(x), device, 1, warmup=0)
+                times += timed(lambda: each(x), device, 1, warmup=1)
     fwd = layer.solution
     # noise on a shared machine only ever adds time, and is bursty: a single cell call of a
     # tenth of a millisecond finds a quiet moment far more often than a solve of many calls
@@ -398,6 +409,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
         "eager_side_by_side": side_by_side,
         "cell_eval_time_s": min(cell_times),
         "cell_eval_method": f"fastest of {combo.repeat} bursts of n_calls={burst} calls, per call",
+        "forward_time_method": FORWARD_TIME_METHOD,
         "floor_ratio": floor_ratio,
         "peak_memory_bytes": int(peak_bytes),
         "peak_memory_method": peak_method,
