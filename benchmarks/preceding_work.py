@@ -8,7 +8,9 @@ Anderson, compiled forward iteration), and before each timed forward one of:
 * ``itself``: an untimed forward of the same layer (the call in a loop of its own);
 * ``eager twin``: a forward of an eager Anderson layer on the same cell;
 * ``python``: pure Python arithmetic, about as long as an eager forward (no torch at all);
-* ``sleep``: ``time.sleep`` of as long (the machine idle, the OpenMP threads gone to sleep).
+* ``sleep``: ``time.sleep`` of as long (the machine idle, the OpenMP threads gone to sleep);
+* ``eager twin, then W ms``: the twin's forward, then untimed forwards of the layer itself for
+  at least W ms (at least one): how long the layer takes to get back to its own pace.
 
 Every (layer, work before) pair is timed once per round, in an order that rotates from round
 to round, in one process; the script prints the median and fastest forward of each pair and
@@ -30,7 +32,10 @@ import torch
 import implicit
 from implicit.bench.transcript import Transcript
 
-BEFORE = ("itself", "eager twin", "python", "sleep")
+#: the untimed warm-up after the twin, in ms (0: one call)
+WARM_MS = (0, 2, 5, 10)
+BEFORE = ("itself", "eager twin", "python", "sleep") + tuple(
+    f"eager twin, then {ms} ms" for ms in WARM_MS)
 
 
 def _python(n: int) -> int:
@@ -74,27 +79,39 @@ def main(argv=None) -> int:
                        f"d=256 b=64, tol 1e-4; ms per forward without grad, {args.rounds} "
                        f"rounds; the twin's forward {twin_s * 1e3:.2f} ms, python and sleep as "
                        "long")
-        before = {"itself": None, "eager twin": lambda: twin(x),
-                  "python": lambda: _python(spin), "sleep": lambda: time.sleep(twin_s)}
+        # what runs before a timed forward of `layer_`
+        before = {"itself": lambda layer_: layer_(x), "eager twin": lambda layer_: twin(x),
+                  "python": lambda layer_: _python(spin),
+                  "sleep": lambda layer_: time.sleep(twin_s)}
+        for ms in WARM_MS:
+            before[f"eager twin, then {ms} ms"] = (
+                lambda layer_, ms=ms: (twin(x), _warm(lambda: layer_(x), ms / 1e3)))
         pairs = [(name, work) for name in layers for work in BEFORE]
         times: dict = {pair: [] for pair in pairs}
         for i in range(args.rounds):
             shift = i % len(pairs)
             for name, work in pairs[shift:] + pairs[:shift]:
-                layer_ = layers[name]
-                (before[work] or (lambda: layer_(x)))()
-                times[name, work].append(_timed(lambda: layer_(x)))
+                before[work](layers[name])
+                times[name, work].append(_timed(lambda: layers[name](x)))
         for name in layers:
             calls = layers[name].solution.n_calls
             alone = min(times[name, "itself"])
             transcript.say(f"{name} ({calls} calls)")
             for work in BEFORE:
                 got = times[name, work]
-                transcript.say(f"  after {work:11s} median {statistics.median(got) * 1e3:6.2f} "
+                transcript.say(f"  after {work:24s} median {statistics.median(got) * 1e3:6.2f} "
                                f"fastest {min(got) * 1e3:6.2f}   fastest ÷ after itself "
                                f"{min(got) / alone:.3f}")
     transcript.save(args.out)
     return 0
+
+
+def _warm(fn, seconds: float) -> None:
+    """``fn()`` once, then again until ``seconds`` have passed."""
+    start = time.perf_counter()
+    fn()
+    while time.perf_counter() - start < seconds:
+        fn()
 
 
 def _timed(fn) -> float:

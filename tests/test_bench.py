@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import ClassVar
 
 import attrs
@@ -203,9 +204,9 @@ def test_every_timed_forward_and_burst_follows_an_untimed_one(monkeypatch):
     measure_module = importlib.import_module("implicit.bench.measure")  # (not the function)
     calls = []
 
-    def spy(fn, device, repeat, warmup=1):
-        calls.append((warmup, repeat))
-        return timed(fn, device, repeat, warmup)
+    def spy(fn, device, repeat, warmup=1, warm_s=0.0):
+        calls.append((warmup, repeat, warm_s))
+        return timed(fn, device, repeat, warmup, warm_s)
 
     timed = measure_module.timed
     monkeypatch.setattr(measure_module, "timed", spy)
@@ -216,7 +217,21 @@ def test_every_timed_forward_and_burst_follows_an_untimed_one(monkeypatch):
     assert record["forward_time_method"] == measure_module.FORWARD_TIME_METHOD
     # a first warm-up of the cell's kernels, then per round the burst, the compiled layer and
     # its eager twin, each timed once after an untimed call
-    assert len(calls) == 1 + 3 * 3 and all(c == (1, 1) for c in calls[1:]), calls
+    warm = (1, 1, measure_module.WARM_S)
+    assert len(calls) == 1 + 3 * 3 and all(c == warm for c in calls[1:]), calls
+    assert measure_module.WARM_S >= 0.002
+
+
+def test_timed_warms_up_for_as_long_as_asked():
+    from implicit.bench.measure import timed
+
+    made = []
+    assert len(timed(lambda: made.append(time.perf_counter()), torch.device("cpu"), 2,
+                     warmup=1, warm_s=0.01)) == 2
+    assert made[-2] - made[0] >= 0.01 and len(made) >= 4  # untimed for 10 ms, then 2 timed
+    made.clear()
+    timed(lambda: made.append(1), torch.device("cpu"), 3, warmup=2)
+    assert len(made) == 5
 
 
 def test_the_compile_environment_recorded_is_what_the_user_set():

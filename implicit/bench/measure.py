@@ -75,10 +75,16 @@ def plugin_label(name: str, options: dict) -> str:
     return name + "(" + ",".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
 
 
+#: the untimed calls before each timed forward and cell burst: at least one, for at least
+#: this long (a compiled forward right after other work is up to 10-15 % slower, and gets back
+#: to its own pace over a few milliseconds of its own calls: benchmarks/preceding_work.py)
+WARM_S = 0.005
+
 #: how forward solves and cell bursts are timed (records without ``forward_time_method``: each
 #: timed call right after the other turns' work, with no untimed call of its own before it)
-FORWARD_TIME_METHOD = ("each timed forward (and cell burst) right after an untimed one of the "
-                       "same; the layers and bursts take turns, repeat times")
+FORWARD_TIME_METHOD = (f"each timed forward (and cell burst) right after untimed ones of the "
+                       f"same, at least one and for at least {WARM_S * 1e3:g} ms; the layers and "
+                       "bursts take turns, repeat times")
 
 
 def sync(device: torch.device) -> None:
@@ -86,11 +92,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``repeat`` calls of ``fn`` after ``warmup`` calls (synchronised)."""
+def timed(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 1,
+          warm_s: float = 0.0) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls of ``fn`` after ``warmup`` calls (synchronised),
+    and after more until ``warm_s`` seconds of them have passed."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
+    while time.perf_counter() - start < warm_s:
+        fn()
+        sync(device)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -287,11 +299,11 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
 
     # time to tolerance (forward, no graph), each repeat right after timing a burst of
     # n_calls cell evaluations, so the floor ratio compares like with like on a noisy machine.
-    # Each timed call (a burst, a forward) follows an untimed one of the same thing: a call
-    # right after other work runs slower than in a loop of its own (a compiled tanh Anderson
-    # forward 9-11 % slower after an eager twin's forward, and as much after 1.5 ms of pure
-    # Python: docs/results/compiled.md), and which work came before would otherwise decide
-    # the ratio rather than the solve. The turns still interleave, so drift hits all alike
+    # Each timed call (a burst, a forward) follows untimed ones of the same thing (WARM_S): a
+    # call right after other work runs slower than in a loop of its own (a compiled tanh
+    # Anderson forward 8-15 % slower after an eager twin's forward, after pure Python or after
+    # idle time: benchmarks/preceding_work.py), and which work came before would otherwise
+    # decide the ratio rather than the solve. The turns still interleave: drift hits all alike
     fwd_times, cell_times, twin_fwd_times = [], [], []
     timed_layers = [(layer, fwd_times)] + ([(twin, twin_fwd_times)] if twin else [])
     with torch.no_grad():
@@ -305,9 +317,9 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
                 update_of(cell, z0, u)
 
         for i in range(combo.repeat):
-            cell_times += [t / burst for t in timed(cells, device, 1, warmup=1)]
+            cell_times += [t / burst for t in timed(cells, device, 1, warmup=1, warm_s=WARM_S)]
             for each, times in (timed_layers if i % 2 == 0 else timed_layers[::-1]):
-                times += timed(lambda: each(x), device, 1, warmup=1)
+                times += timed(lambda: each(x), device, 1, warmup=1, warm_s=WARM_S)
     fwd = layer.solution
     # noise on a shared machine only ever adds time, and is bursty: a single cell call of a
     # tenth of a millisecond finds a quiet moment far more often than a solve of many calls
