@@ -76,7 +76,7 @@ def plugin_label(name: str, options: dict) -> str:
 
 
 #: the untimed calls before each timed forward and cell burst: at least one, for at least
-#: this long (a compiled forward right after other work is up to 10-15 % slower, and gets back
+#: this long (a compiled forward right after other work is 6-14 % slower, and gets back
 #: to its own pace over a few milliseconds of its own calls: benchmarks/preceding_work.py)
 WARM_S = 0.005
 
@@ -301,7 +301,7 @@ def _measure(combo: Combination, registry: Registry) -> dict[str, Any]:
     # n_calls cell evaluations, so the floor ratio compares like with like on a noisy machine.
     # Each timed call (a burst, a forward) follows untimed ones of the same thing (WARM_S): a
     # call right after other work runs slower than in a loop of its own (a compiled tanh
-    # Anderson forward 8-15 % slower after an eager twin's forward, after pure Python or after
+    # Anderson forward 6-14 % slower after an eager twin's forward, after pure Python or after
     # idle time: benchmarks/preceding_work.py), and which work came before would otherwise
     # decide the ratio rather than the solve. The turns still interleave: drift hits all alike
     fwd_times, cell_times, twin_fwd_times = [], [], []
