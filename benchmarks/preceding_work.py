@@ -8,7 +8,7 @@ Anderson, compiled forward iteration), and before each timed forward one of:
 * ``itself``: an untimed forward of the same layer (the call in a loop of its own);
 * ``eager twin``: a forward of an eager Anderson layer on the same cell;
 * ``python``: pure Python arithmetic, about as long as an eager forward (no torch at all);
-* ``sleep``: ``time.sleep`` of as long (the machine idle, the OpenMP threads gone to sleep);
+* ``sleep``: ``time.sleep`` of as long (the machine idle);
 * ``eager twin, then W ms``: the twin's forward, then untimed forwards of the layer itself for
   at least W ms (at least one): how long the layer takes to get back to its own pace.
 
@@ -30,7 +30,10 @@ from pathlib import Path
 import torch
 
 import implicit
+from implicit.bench.measure import timed
 from implicit.bench.transcript import Transcript
+
+CPU = torch.device("cpu")
 
 #: the untimed warm-up after the twin, in ms (0: one call)
 WARM_MS = (0, 2, 5, 10)
@@ -84,8 +87,8 @@ def main(argv=None) -> int:
                   "python": lambda layer_: _python(spin),
                   "sleep": lambda layer_: time.sleep(twin_s)}
         for ms in WARM_MS:
-            before[f"eager twin, then {ms} ms"] = (
-                lambda layer_, ms=ms: (twin(x), _warm(lambda: layer_(x), ms / 1e3)))
+            before[f"eager twin, then {ms} ms"] = (  # (timed with repeat 0: the warm-up only)
+                lambda layer_, ms=ms: (twin(x), timed(lambda: layer_(x), CPU, 0, warm_s=ms / 1e3)))
         pairs = [(name, work) for name in layers for work in BEFORE]
         times: dict = {pair: [] for pair in pairs}
         for i in range(args.rounds):
@@ -106,18 +109,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _warm(fn, seconds: float) -> None:
-    """``fn()`` once, then again until ``seconds`` have passed."""
-    start = time.perf_counter()
-    fn()
-    while time.perf_counter() - start < seconds:
-        fn()
-
-
 def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return timed(fn, CPU, 1, warmup=0)[0]
 
 
 if __name__ == "__main__":

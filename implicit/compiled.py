@@ -353,8 +353,8 @@ def check_inplace_keys(solver, dtype: torch.dtype = torch.float32, device_type: 
                 else f"its static_init returns a {type(state).__name__}, not a dict")
         raise PluginError(
             f"solver {solver.name!r} ({type(solver).__qualname__}) names {wrong} in "
-            f"static_inplace, but {have} whose tensors are not under those names: "
-            "static_inplace must name tensors of static_init's dict (or be empty)")
+            f"static_inplace, but {have}: static_inplace must name tensors of static_init's "
+            "dict (or be empty)")
 
 
 def _whole_call(solver, steps: int, device_type: str, key: Any, call: Callable,

@@ -198,7 +198,8 @@ def test_a_compiled_solver_is_timed_side_by_side_with_its_eager_twin():
 def test_every_timed_forward_and_burst_follows_an_untimed_one(monkeypatch):
     """A call right after other work runs slower than in a loop of its own (a compiled forward
     6-14 % after an eager one or after idle time: benchmarks/preceding_work.py), so each timed
-    call is the second of two: the work before it is then the same for every layer."""
+    call follows at least WARM_S of untimed calls of the same: the work before it is then the
+    same for every layer."""
     import importlib
 
     measure_module = importlib.import_module("implicit.bench.measure")  # (not the function)

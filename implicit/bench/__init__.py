@@ -28,9 +28,9 @@ backward strategy that declare they fit together is measured; third-party plugin
                                     # the fastest burst of n_calls evaluations back to back, per
                                     # call ("cell_eval_method" says so; records without it:
                                     # the fastest single call)
-          "forward_time_method",    # each timed forward and burst right after an untimed one
-                                    # of the same (records without it: right after the other
-                                    # turns' work)
+          "forward_time_method",    # each timed forward and burst after untimed calls of the
+                                    # same, for at least measure.WARM_S (records without it:
+                                    # right after the other turns' work)
           "peak_memory_bytes", "peak_memory_method",
           "allocator",              # CPU: the C allocator settings timings ran under (--malloc)
           "grad_rel_error",         # ‖g − g_ref‖ / ‖g_ref‖ over x and all parameters, or null
