@@ -48,7 +48,9 @@ What keeps the compiled graph fixed:
   that cannot be compiled that way (a ``torch.func`` transform inside it, as in the compiled
   adjoint) is compiled again carrying them, and remembered;
 * between blocks, the loop's per-sample numbers and flags travel packed in four tensors (every
-  tensor argument of a compiled function is checked by its guards on every call);
+  tensor argument of a compiled function is checked by its guards on every call); the
+  whole-solve loop packs its numbers and flags too, so that a step makes fewer new buffers
+  (see ``_pack_whole``);
 * ``f`` is an argument of the compiled function (guarded on its code, not on the closure
   object a new batch makes), so a DEQ's per-batch map does not recompile;
 * shapes: the first call compiles for its shapes; a call with another batch size recompiles
@@ -268,10 +270,38 @@ def _finish(c: dict):
             c["converged"].clone(), codes, summary)
 
 
-#: what the whole-solve loop carries from step to step (``limit`` and ``size_limit`` do not
-#: change: they enter the loop's body as constants, since a carried value that a step returns
-#: unchanged would alias its input, which ``torch.while_loop`` refuses)
-_CARRIED = ("z", "fz", "best_z", "nfe", "best_abs", "best_rel", "scale") + _FLAGS
+#: what the whole-solve loop carries from step to step: the iterates and ``nfe`` each in a
+#: tensor of its own, the per-sample numbers and flags packed into one tensor each (every
+#: carried tensor is a new buffer at every step; packed, a 10-call Anderson solve of tanh
+#: d=256 batch 64 measured 1.37 of the floor against 1.40–1.46, forward iteration 1.08–1.09
+#: against 1.11–1.12, the ResNet cell's no slower; ``docs/results/compiled.md``). The
+#: iterates stay apart: stacked, each step copies them, which slowed the ResNet cell's step by
+#: a fifth. ``limit`` and ``size_limit`` do not change: they enter the loop's body as
+#: constants, since a carried value that a step returns unchanged would alias its input, which
+#: ``torch.while_loop`` refuses
+_WHOLE_ITERATES = ("z", "fz", "best_z", "nfe")
+_WHOLE_NUMBERS = ("best_abs", "best_rel", "scale")
+
+
+def _pack_whole(c: dict) -> tuple:
+    """The whole-solve loop's carry from the unpacked carry ``c``: the iterates and ``nfe``,
+    then the ``(B, 3)`` numbers and the ``(B, 6)`` flags."""
+    return (*[c[k] for k in _WHOLE_ITERATES],
+            torch.stack([c[k] for k in _WHOLE_NUMBERS], dim=1),
+            torch.stack([c[k] for k in _FLAGS], dim=1))
+
+
+def _unpack_whole(carried) -> dict:
+    """:func:`_pack_whole`'s inverse (views into the packed tensors)."""
+    *iterates, numbers, flags = carried
+    c = dict(zip(_WHOLE_ITERATES, iterates))
+    c.update(zip(_WHOLE_NUMBERS, numbers.unbind(1)))
+    c.update(zip(_FLAGS, flags.unbind(1)))
+    return c
+
+
+_WHOLE_CARRIED = len(_WHOLE_ITERATES) + 2
+_WHOLE_ACTIVE = _FLAGS.index("active")
 
 
 def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor, hold: bool = True):
@@ -289,26 +319,24 @@ def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor, hold: bool =
     # the tensors the step writes into (held by the body, not carried: see `holds_in_place`)
     held = {k: state.pop(k) for k in holds_in_place(solver, hold)}
     leaves, tree = torch.utils._pytree.tree_flatten(state)
-    n = len(_CARRIED)
-    active = _CARRIED.index("active")
+    n = _WHOLE_CARRIED
     budget = int(solver.max_iter)
 
     def more(calls, *carried):
-        return carried[active].any() & (calls < budget)
+        return carried[n - 1][:, _WHOLE_ACTIVE].any() & (calls < budget)
 
     def step(calls, *carried):
-        c = {**dict(zip(_CARRIED, carried[:n])), **constants}
+        c = {**_unpack_whole(carried[:n]), **constants}
         state = torch.utils._pytree.tree_unflatten(list(carried[n:]), tree)
         c, state = _step(solver, fn, c, {**state, **held}, inplace=bool(held))
         state = {k: v for k, v in state.items() if k not in held} if held else state
-        return (calls + 1, *[c[k] for k in _CARRIED],
-                *torch.utils._pytree.tree_flatten(state)[0])
+        return (calls + 1, *_pack_whole(c), *torch.utils._pytree.tree_flatten(state)[0])
 
     # each carried tensor its own (z is also best_z at the start: inputs may not alias)
     calls, *carried = while_loop(more, step, (
         torch.ones((), dtype=torch.int64, device=z.device),
-        *[c[k].clone() for k in _CARRIED], *[t.clone() for t in leaves]))
-    final = {**dict(zip(_CARRIED, carried[:n])), **constants}
+        *[t.clone() for t in _pack_whole(c)], *[t.clone() for t in leaves]))
+    final = {**_unpack_whole(carried[:n]), **constants}
     *outputs, summary = _finish(final)
     state = torch.utils._pytree.tree_unflatten(carried[n:], tree)
     return (*outputs, torch.cat([summary, calls.double().reshape(1)]), final["nfe"],
