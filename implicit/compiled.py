@@ -300,6 +300,8 @@ def _unpack_whole(carried) -> dict:
     return c
 
 
+#: how many tensors :func:`_pack_whole` makes (the flags last), and the flags' column of
+#: ``active``, which the loop's condition reads
 _WHOLE_CARRIED = len(_WHOLE_ITERATES) + 2
 _WHOLE_ACTIVE = _FLAGS.index("active")
 
@@ -323,7 +325,8 @@ def _whole(solver, fn: Callable, z: torch.Tensor, fz: torch.Tensor, hold: bool =
     budget = int(solver.max_iter)
 
     def more(calls, *carried):
-        return carried[n - 1][:, _WHOLE_ACTIVE].any() & (calls < budget)
+        flags = carried[n - 1]
+        return flags[:, _WHOLE_ACTIVE].any() & (calls < budget)
 
     def step(calls, *carried):
         c = {**_unpack_whole(carried[:n]), **constants}
