@@ -96,7 +96,9 @@ class Solution:
         solver: name of the solver that ran.
         trace: optional ``(n_steps + 1, B)`` stopping residual (``abs``/``rel`` as ``stop``)
             of the current iterate after each step, when asked for.
-        stats: solver-specific telemetry counters (e.g. fallbacks).
+        stats: solver-specific telemetry counters (e.g. fallbacks), and the loop's:
+            ``loop_steps``; ``unused_calls`` and ``min_step_calls`` when the budget's last calls
+            could not pay for one more step of a solver whose steps make several calls.
     """
 
     z: object
@@ -138,6 +140,10 @@ class Solution:
             f"worst {self.stop} residual {worst:.3e} vs tol {self.tol:.1e}, "
             f"{self.n_calls} calls of f]"
         )
+        if self.stats.get("unused_calls"):
+            line += (f"; the last {self.stats['unused_calls']} call(s) of max_iter went unused: "
+                     f"a {self.solver or 'solver'} step needs "
+                     f"{self.stats['min_step_calls']} calls; raise max_iter")
         if self.stats.get("below_precision"):
             line += (f"; tolerance below attainable precision at ‖f(z)‖ = "
                      f"{self.stats['precision_scale']:.3g} for {self.stats['below_precision']} "

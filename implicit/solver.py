@@ -38,6 +38,7 @@ import torch
 from attrs import validators as v
 
 from . import accelerator
+from .registry import PluginError
 from .solution import POLICIES, STOP_MODES, Solution, Status, apply_policy
 from .state import StateSpec
 from .validators import nonnegative_number, one_of, positive_int
@@ -95,9 +96,13 @@ class Solver(abc.ABC):
     The options below are shared by every solver and consumed by :func:`~implicit.iterate`.
 
     Rules for ``step``: call ``fn`` (an :class:`~implicit.solver.Evaluator`: it counts calls and knows the
-    remaining budget) on the whole batch; never write in place into the tensors you are given
-    (they may be the caller's); return the next iterate and ``fn`` of it. Rows of samples that
-    are no longer active are discarded by the loop.
+    remaining budget) on the whole batch, at least once and at most ``fn.remaining`` times (a
+    step that makes no call, or a call past the budget, is a :class:`~implicit.PluginError`
+    naming the solver: the budget counts calls, so a step without one could repeat forever);
+    never write in place into the tensors you are given (they may be the caller's); return the
+    next iterate and ``fn`` of it. Rows of samples that are no longer active are discarded by
+    the loop. A step that needs more than one call to do its work (a Krylov cycle) declares
+    how many in :attr:`min_step_calls`.
 
     ``uses_residual``: a solver whose step needs ``g = f(z) − z`` sets this class attribute; the
     loop, which computes ``g`` for its stopping test anyway, then passes it as ``step(..., g=g)``
@@ -128,6 +133,12 @@ class Solver(abc.ABC):
     #: writing into them, when it is called with ``inplace=True`` (e.g. Anderson's histories);
     #: checked against :meth:`static_init` before a compiled solve (a :class:`~implicit.PluginError`)
     static_inplace: ClassVar[tuple[str, ...]] = ()
+    #: the calls of f one :meth:`step` needs to do its work (at least 1): the loop starts a
+    #: step only while the budget has this many calls left, and a solve that ends with fewer
+    #: left and samples still active records them in ``Solution.stats["unused_calls"]``
+    #: (GMRES: 2, a Krylov product and f at the new iterate, so ``max_iter=2`` evaluates
+    #: ``f(z0)`` and takes no step). A step may still make fewer when it has less to do
+    min_step_calls: ClassVar[int] = 1
 
     tol: float = attrs.field(default=1e-4, validator=nonnegative_number)
     max_iter: int = attrs.field(default=50, validator=positive_int)
@@ -222,9 +233,11 @@ class Evaluator:
     """
 
     def __init__(self, fn: FlatFn, budget: int,
-                 fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
-                 ) -> None:
+                 fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 owner: str = "") -> None:
         self.fn = fn
+        # the solver whose calls these are, for messages ("" outside a solve)
+        self.owner = owner
         self.fn_rows = fn_rows
         # set by the loop: the samples f is evaluated on (None: all); see `iterate`'s fn_rows
         self.rows: Optional[torch.Tensor] = None
@@ -250,8 +263,14 @@ class Evaluator:
         return self.budget - self.calls
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         checked = not torch.compiler.is_compiling()
+        if checked and self.calls >= self.budget:
+            who = f"solver {self.owner!r}" if self.owner else "the solver"
+            raise PluginError(
+                f"{who} called f past its budget: max_iter={self.budget} calls were all made "
+                "(f(z0) included); a step must check fn.remaining before each call, and a solver "
+                "whose step needs several declares how many in Solver.min_step_calls")
+        self.calls += 1
         version = _version_of(z) if checked else None
         if self.rows is not None:
             out = self._on_rows(z, self.rows)
@@ -460,7 +479,9 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
              fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
              ) -> FlatResult:
     """The eager loop of :func:`iterate`."""
-    counted = Evaluator(fn, budget=solver.max_iter, fn_rows=fn_rows)
+    counted = Evaluator(fn, budget=solver.max_iter, fn_rows=fn_rows, owner=solver.name)
+    # a step is started only while the budget can pay for the calls it needs
+    step_calls_min = _min_step_calls(solver)
     # On CPU a host check costs nothing, so whole-batch shortcuts (skip the masking copies
     # while every sample is active) pay; on accelerators we avoid the synchronisations.
     host_checks = accelerator.host_checks(z0)
@@ -505,7 +526,7 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
     work: Optional[torch.Tensor] = None
 
     step_index = 0
-    while counted.remaining > 0:
+    while counted.remaining >= step_calls_min:
         if step_index % check_every == 0 and not bool(active.any()):
             break
         step_index += 1
@@ -515,6 +536,16 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
                else solver.step(counted, z, fz, state))
         z_new, fz_new, state = out[:3]
         step_calls = counted.calls - calls_before
+        if step_calls == 0 and bool(active.any()):
+            # the budget counts calls: a step that makes none could repeat forever (with no
+            # sample active it is one of the few steps before the loop's next "all done?"
+            # test, check_every, and the loop ends there)
+            raise PluginError(
+                f"solver {solver.name!r} took a step that made no call of f (after "
+                f"{calls_before} of max_iter={solver.max_iter} calls); the budget counts calls, "
+                "so such a step could repeat forever: a step must call f at least once, and a "
+                "solver whose step needs several calls to do its work declares how many in "
+                "Solver.min_step_calls, so that the loop does not start it with fewer left")
         if counted.sample_calls is not None:
             nfe.add_(active.long() * counted.sample_calls)
             counted.sample_calls = None
@@ -604,6 +635,10 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
     worst = Status.from_code(int(codes.max())) if codes.numel() else Status.CONVERGED
     # loop_steps: steps taken; n_calls − 1 of them exactly when every step made one call
     stats = {**solver.stats(state), "loop_steps": step_index}
+    if 0 < counted.remaining < step_calls_min and bool(active.any()):
+        # the budget's last calls could not pay for a step: the record says so
+        stats["unused_calls"] = counted.remaining
+        stats["min_step_calls"] = step_calls_min
     below_precision = imprecise & ~converged
     if bool(below_precision.any()):
         stats["below_precision"] = int(below_precision.sum())
@@ -627,6 +662,15 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
     )
     apply_policy(record, solver.policy, what=what)
     return FlatResult(z=best.z, solution=record)
+
+
+def _min_step_calls(solver: Solver) -> int:
+    """The solver's declared :attr:`Solver.min_step_calls`, checked (a positive int)."""
+    count = type(solver).min_step_calls
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise PluginError(f"solver {solver.name!r} declares min_step_calls={count!r}; it must be "
+                          "a positive int, the calls of f one step needs to do its work")
+    return count
 
 
 #: the loop evaluates f on the active samples only once at most this share of the batch is

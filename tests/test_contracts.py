@@ -20,6 +20,9 @@ def test_every_builtin_combination_has_contract_cases():
     for solver in registry.names("solver"):
         if "linear_only" in registry.get("solver", solver).spec.capabilities:
             assert any(f"adjoint={solver}]" in n for n in names["adjoint"])
+            # the record, budget and fault contracts on the suite's own affine problem
+            for kind in ("solver", "fault", "batch_rows"):
+                assert f"{solver}-affine" in names[kind], (kind, solver)
         else:
             assert any(n.startswith(f"{solver}-") for n in names["solver"])
     for backward in registry.names("backward"):

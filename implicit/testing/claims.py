@@ -46,6 +46,14 @@ class Tally:
     def no_claim(self, name: str, reason: str) -> None:
         self.not_made.setdefault(name, Counter())[reason] += 1
 
+    def absorb(self, other: "Tally", suffix: str) -> None:
+        """Count ``other``'s claims and reasons here, each name with ``suffix`` (a second check
+        of the same example, kept apart so no claim is counted twice for one example)."""
+        for name, count in other.made.items():
+            self.made[name + suffix] += count
+        for name, reasons in other.not_made.items():
+            self.not_made.setdefault(name + suffix, Counter()).update(reasons)
+
     def require(self, names: Iterable[str], share: float = 0.5) -> None:
         """Fail as vacuous when a claim in ``names`` was made on fewer than ``share`` of the
         examples, naming the commonest reason it was not."""

@@ -51,9 +51,11 @@ CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
 
 #: why a contract has no case, by kind (see :func:`~implicit.testing.checks.matrix`)
 EMPTY_REASONS = {
-    "solver": "it needs a solver (not linear_only) and a cell with an example strategy",
-    "fault": "it needs a solver (not linear_only) and a cell with an example strategy",
-    "batch_rows": "it needs a solver and a batch_independent cell",
+    "solver": "it needs a solver and a cell with an example strategy (a linear_only solver: "
+              "none, it runs on the suite's affine problem)",
+    "fault": "it needs a solver and a cell with an example strategy (a linear_only solver: "
+             "none, it runs on the suite's affine problem)",
+    "batch_rows": "it needs a solver and a batch_independent cell (or a linear_only solver)",
     "efficacy": "no selected solver declares a Guarantee (SolverSpec.guarantees)",
     "gradient": "it needs a backward, an unrollable solver and a cell",
     "adjoint": "no selected backward takes an adjoint solver (capability adjoint_solver)",

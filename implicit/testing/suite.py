@@ -89,9 +89,16 @@ def test_solver_contract(contract_solver_case):
         tol = data.draw(st.sampled_from(tols), label="tol")
         stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
         max_iter = data.draw(st.integers(1, 60), label="max_iter")
+        options = case.options(data.draw)
         checks.check_solver_contract(case.registry, case.solver, example, tol=tol, stop=stop,
-                                     max_iter=max_iter, options=case.options(data.draw),
-                                     tally=tally)
+                                     max_iter=max_iter, options=options, tally=tally)
+        # and on a budget of 1–5 calls: its edge (a step that would overrun it, a last call
+        # too few for a step of a solver that needs several) is where budget bugs live
+        small = data.draw(st.integers(1, 5), label="small max_iter")
+        edge = Tally()
+        checks.check_solver_contract(case.registry, case.solver, example, tol=tol, stop=stop,
+                                     max_iter=small, options=options, tally=edge)
+        tally.absorb(edge, "@max_iter<=5")
 
     examples = min(MAX_EXAMPLES, checks.COMPILED_EXAMPLES) if case.compiled else MAX_EXAMPLES
     _run(case, "solver", examples, body, required=["truthful_record", "stops_when_done"])

@@ -204,7 +204,11 @@ class NewtonKrylov(implicit.Solver):
             goal = float(self.tol) * torch.linalg.vector_norm(fz, dim=1)
         # scipy stops on the max-norm of F; aim it so the 2-norm meets our criterion
         f_tol = (goal / math.sqrt(z.shape[1])).double().cpu().numpy()
-        todo = [i for i in range(bsz) if not bool(res[i] <= goal[i])]
+        # the samples the loop still iterates: also one whose residual meets the goal only
+        # below the dtype's resolution (the loop's precision rule keeps it active): scipy then
+        # evaluates it once and returns, so the step calls f and the budget runs down
+        active = fn.active if fn.active is not None else ~(res <= goal)
+        todo = [i for i in range(bsz) if bool(active[i])]
         batch = _Lockstep(fn, z, fz, todo)
         # lgmres calls its Krylov size inner_m, and newton_krylov strips one "inner_" prefix
         inner = {"inner_inner_m": self.inner_m} if self.method == "lgmres" else {}
