@@ -97,12 +97,15 @@ class TutorialDEQ(nn.Module):
     solution of ``g = Jᵀ g + grad``."""
 
     def __init__(self, f: nn.Module, forward_kwargs: dict, backward_kwargs: dict,
-                 readout: str = "step") -> None:
+                 readout: str = "step", forward_solver: str = "tutorial") -> None:
         super().__init__()
         self.f = f
         self.forward_kwargs = forward_kwargs
         self.backward_kwargs = backward_kwargs
         self.readout = readout
+        # "implicit": z* found by the library's solve (per-sample stopping and best iterate)
+        # with the same solver settings, the rest of the layer the tutorial's (a half swap)
+        self.forward_solver = forward_solver
         self.forward_res: list = []
         self.backward_res: list = []
         self.backward_stats: dict = {}
@@ -110,8 +113,14 @@ class TutorialDEQ(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            z, self.forward_res = tutorial_anderson(lambda z: self.f(z, x), torch.zeros_like(x),
-                                                    **self.forward_kwargs)
+            if self.forward_solver == "implicit":
+                z, self.forward_res = library_anderson(lambda z: self.f(z, x),
+                                                       torch.zeros_like(x),
+                                                       **self.forward_kwargs)
+            else:
+                z, self.forward_res = tutorial_anderson(lambda z: self.f(z, x),
+                                                        torch.zeros_like(x),
+                                                        **self.forward_kwargs)
         self.z_star = z
         if not torch.is_grad_enabled():
             return self.f(z, x) if self.readout == "step" else z
@@ -130,6 +139,47 @@ class TutorialDEQ(nn.Module):
 
         z.register_hook(backward_hook)
         return z
+
+
+def library_anderson(f: Callable, x0: torch.Tensor, m: int = 5, lam: float = 1e-4,
+                     max_iter: int = 50, tol: float = 1e-2, keep: str = "last", **_):
+    """The forward half of the library's layer in the tutorial's calling convention: its
+    Anderson (``m``, its own relative ridge) to ``tol`` per sample, each sample's best iterate,
+    at most ``max_iter`` calls; returns the point and, as the tutorial's residual list, one
+    entry per call after the first two (so that call counts read alike)."""
+    sol = implicit.solve(f, x0, solver=implicit.make_solver(
+        "anderson", m=m, tol=tol, max_iter=max_iter, policy="ignore"))
+    return sol.z, [float(sol.rel_residual.max())] * max(0, sol.n_calls - 2)
+
+
+class TutorialForwardDEQ(nn.Module):
+    """The other half swap: the tutorial's forward (its Anderson, batch stop, last iterate) finds
+    ``z*``, and the library's ``DEQ`` forms the output and the gradient from there (its forward
+    solve given ``z0 = z*`` and ``max_iter=1``: one evaluation of f, ``z*`` returned as is)."""
+
+    def __init__(self, deq: implicit.DEQ, forward_kwargs: dict) -> None:
+        super().__init__()
+        self.deq = deq
+        self.forward_kwargs = forward_kwargs
+        self.forward_res: list = []
+
+    @property
+    def cell(self) -> nn.Module:
+        return self.deq.cell
+
+    @property
+    def solution(self):
+        return self.deq.solution
+
+    @property
+    def backward_solution(self):
+        return self.deq.backward_solution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z, self.forward_res = tutorial_anderson(lambda z: self.deq.cell(z, x),
+                                                    torch.zeros_like(x), **self.forward_kwargs)
+        return self.deq(x, z)
 
 
 class _Attach(torch.autograd.Function):
@@ -175,18 +225,30 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 def tutorial_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
                    adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30, lam: float = 1e-4,
                    adjoint_lam: float | None = None, keep: str = "last",
-                   readout: str = "step") -> nn.Module:
-    forward = dict(m=5, lam=lam, tol=tol, max_iter=max_iter, keep=keep)
+                   readout: str = "step", forward: str = "tutorial") -> nn.Module:
+    """The tutorial's layer; ``forward="implicit"`` swaps in the library's forward solve."""
+    if forward not in ("tutorial", "implicit"):
+        raise SystemExit(f"tutorial:forward= must be tutorial or implicit, got {forward!r}")
+    forward_kwargs = dict(m=5, lam=lam, tol=tol, max_iter=max_iter, keep=keep)
     backward = dict(m=5, lam=lam if adjoint_lam is None else adjoint_lam, tol=adjoint_tol,
                     max_iter=adjoint_max_iter)
-    return TutorialDEQ(cell, forward, backward, readout=readout)
+    return TutorialDEQ(cell, forward_kwargs, backward, readout=readout, forward_solver=forward)
 
 
 def implicit_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
                    adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30,
-                   adjoint_solver: str | None = None, **deq_options: Any) -> nn.Module:
+                   adjoint_solver: str | None = None, forward: str = "implicit",
+                   **deq_options: Any) -> nn.Module:
     """The library's layer in the recipe; ``deq_options`` go to ``implicit.DEQ`` (names
-    prefixed ``solver.`` / ``backward.`` go to the solver / the backward)."""
+    prefixed ``solver.`` / ``backward.`` go to the solver / the backward).
+    ``forward="tutorial"`` swaps in the tutorial's forward solve (:class:`TutorialForwardDEQ`)."""
+    if forward not in ("tutorial", "implicit"):
+        raise SystemExit(f"implicit:forward= must be tutorial or implicit, got {forward!r}")
+    if forward == "tutorial":
+        deq = implicit_layer(cell, tol=tol, max_iter=1, adjoint_tol=adjoint_tol,
+                             adjoint_max_iter=adjoint_max_iter, adjoint_solver=adjoint_solver,
+                             **deq_options)
+        return TutorialForwardDEQ(deq, dict(m=5, lam=1e-4, tol=tol, max_iter=max_iter))
     solver_options = {k[7:]: v for k, v in deq_options.items() if k.startswith("solver.")}
     backward_options = {k[9:]: v for k, v in deq_options.items() if k.startswith("backward.")}
     deq_options = {k: v for k, v in deq_options.items() if "." not in k}
@@ -203,9 +265,42 @@ def implicit_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
     )
 
 
+class TorchDEQLayer(nn.Module):
+    """torchdeq's layer (Geng & Kolter 2023, ``pip install torchdeq``, an optional benchmark
+    dependency) in the recipe: its Anderson in both solves (m=5 forward, its default m=6 in the
+    backward), relative stops at the recipe's tolerances and caps, its IFT backward on the
+    solution (``core="indexing"``, one state)."""
+
+    def __init__(self, cell: nn.Module, *, tol: float, max_iter: int, adjoint_tol: float,
+                 adjoint_max_iter: int) -> None:
+        super().__init__()
+        try:
+            from torchdeq import get_deq
+        except ImportError:
+            raise SystemExit("the torchdeq variant needs torchdeq: pip install torchdeq==0.1.0")
+        self.cell = cell
+        self.deq = get_deq(core="indexing", ift=True, f_solver="anderson", b_solver="anderson",
+                           f_max_iter=max_iter, b_max_iter=adjoint_max_iter,
+                           eval_f_max_iter=max_iter, f_tol=tol, b_tol=adjoint_tol,
+                           f_stop_mode="rel", b_stop_mode="rel")
+        self.info: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z_out, self.info = self.deq(lambda z: self.cell(z, x), torch.zeros_like(x),
+                                    solver_kwargs={"m": 5})
+        return z_out[-1]
+
+
+def torchdeq_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
+                   adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30) -> nn.Module:
+    return TorchDEQLayer(cell, tol=tol, max_iter=max_iter, adjoint_tol=adjoint_tol,
+                         adjoint_max_iter=adjoint_max_iter)
+
+
 VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "tutorial": tutorial_layer,
     "implicit": implicit_layer,
+    "torchdeq": torchdeq_layer,
 }
 
 
@@ -238,20 +333,42 @@ def load_data(name: str, seed: int = 0):
     raise SystemExit(f"unknown data {name!r}: choose mnist1d or digits")
 
 
+#: the model axes of the family (``build_model``'s keywords) and their defaults: the benchmark's
+#: original model (BatchNorm stem and head, a flatten of 10 positions)
+MODEL_DEFAULTS = {"channels": 48, "inner_channels": 64, "norm": "batch", "head": "flatten",
+                  "groups": 8, "stem_kernel": 3}
+
+
 def build_model(layer: str, options: dict, *, dims: int, length: int, seed: int,
-                channels: int = 48, inner_channels: int = 64, pool: int = 4) -> nn.Sequential:
-    """Stem conv + BatchNorm, the DEQ, BatchNorm, average pool, linear head; the same weights
-    for every variant of one seed (the layer holds no parameters of its own)."""
+                channels: int = 48, inner_channels: int = 64, pool: int = 4,
+                norm: str = "batch", head: str = "flatten", groups: int = 8,
+                stem_kernel: int = 3) -> nn.Sequential:
+    """Stem conv + norm, the DEQ, norm, a head, linear; the same weights for every variant of
+    one seed (the layer holds no parameters of its own). ``norm``: ``"batch"`` (BatchNorm) or
+    ``"group"`` (GroupNorm with ``groups`` groups) in the stem and the head; the cell's
+    GroupNorms take ``groups`` too. ``head``: ``"flatten"`` (average pool by ``pool``, flatten:
+    ``length // pool`` positions per dimension) or ``"pool"`` (adaptive average pool to 4
+    positions: 4 in 1-D, 2 × 2 in 2-D)."""
     torch.manual_seed(seed)
-    conv, norm, avg = ((nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d) if dims == 1
-                       else (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d))
-    stem = conv(1, channels, 3, padding=1, bias=True)
+    conv, batch_norm, avg, adaptive = (
+        (nn.Conv1d, nn.BatchNorm1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d) if dims == 1
+        else (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+    if norm not in ("batch", "group") or head not in ("flatten", "pool"):
+        raise SystemExit(f"norm must be batch or group and head flatten or pool, got {norm!r}, "
+                         f"{head!r}")
+
+    def normalise() -> nn.Module:
+        return batch_norm(channels) if norm == "batch" else nn.GroupNorm(groups, channels)
+
+    stem = conv(1, channels, stem_kernel, padding=stem_kernel // 2, bias=True)
     cell = implicit.make_cell("resnet", channels=channels, inner_channels=inner_channels,
-                              dims=dims)
-    head_in = channels * (length // pool) ** dims
-    head = nn.Linear(head_in, 10)
-    return nn.Sequential(stem, norm(channels), VARIANTS[layer](cell, **options), norm(channels),
-                         avg(pool), nn.Flatten(), head)
+                              dims=dims, num_groups=groups)
+    if head == "flatten":
+        pooling, positions = avg(pool), (length // pool) ** dims
+    else:
+        pooling, positions = adaptive(4 if dims == 1 else 2), 4
+    return nn.Sequential(stem, normalise(), VARIANTS[layer](cell, **options), normalise(),
+                         pooling, nn.Flatten(), nn.Linear(channels * positions, 10))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +403,11 @@ def diagnose(model: nn.Sequential, x: torch.Tensor) -> dict:
     layer = _deq_of(model)
     with torch.no_grad():
         u = model[1](model[0](x))
+    if isinstance(layer, TorchDEQLayer):
+        rel = layer.info.get("rel_lowest")
+        return {"forward_residual": float(rel.mean()) if rel is not None else float("nan"),
+                "adjoint_residual": float("nan"), "rho_mean": float("nan"),
+                "rho_max": float("nan")}
     if isinstance(layer, TutorialDEQ):
         fwd = layer.forward_res[-1] if layer.forward_res else float("nan")
         bwd = layer.backward_res[-1] if layer.backward_res else float("nan")
@@ -325,8 +447,15 @@ def _solve_calls(layer: nn.Module) -> tuple[float, float]:
     tutorial's solves run on the whole batch: their count of iterates)."""
     if isinstance(layer, TutorialDEQ):
         return len(layer.forward_res) + 2, len(layer.backward_res) + 2
+    if isinstance(layer, TorchDEQLayer):  # its forward's steps; the backward's are not reported
+        steps = layer.info.get("nstep")
+        return (float(steps.float().mean()) if steps is not None else float("nan"),
+                float("nan"))
     sol, bsol = layer.solution, getattr(layer, "backward_solution", None)
-    forward = float(sol.nfe.float().mean()) if sol is not None else float("nan")
+    if isinstance(layer, TutorialForwardDEQ):
+        sol = None
+    forward = (float(sol.nfe.float().mean()) if sol is not None
+               else len(getattr(layer, "forward_res", [])) + 2.0)
     adjoint = float(bsol.nfe.float().mean()) if bsol is not None else float("nan")
     return forward, adjoint
 
@@ -425,14 +554,16 @@ def train(variant: str, *, data: str, epochs: int, seed: int, batch_size: int = 
 
 
 def compare_gradients(variants: list[str], *, data: str, steps: int, seed: int,
-                      batch_size: int = 100, lr: float = 2e-3, log=print) -> dict:
+                      batch_size: int = 100, lr: float = 2e-3, log=print,
+                      **model_options) -> dict:
     """Train the first variant for ``steps`` steps, then take the parameter gradient of every
     variant on the next batch with the same weights; cosines and norm ratios against the first
     (the layers hold no parameters, so they are swapped in and out of one model)."""
     train_set, _, dims = load_data(data)
     length = train_set[0].shape[-1]
     first, first_options = parse_variant(variants[0])
-    model = build_model(first, first_options, dims=dims, length=length, seed=seed)
+    model = build_model(first, first_options, dims=dims, length=length, seed=seed,
+                        **model_options)
     cell = _deq_of(model).f if isinstance(_deq_of(model), TutorialDEQ) else _deq_of(model).cell
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
@@ -539,8 +670,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["tutorial", "implicit"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--channels", type=int, default=48)
-    parser.add_argument("--inner-channels", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=MODEL_DEFAULTS["channels"])
+    parser.add_argument("--inner-channels", type=int, default=MODEL_DEFAULTS["inner_channels"])
+    parser.add_argument("--norm", choices=["batch", "group"], default=MODEL_DEFAULTS["norm"],
+                        help="the stem's and the head's norm")
+    parser.add_argument("--head", choices=["flatten", "pool"], default=MODEL_DEFAULTS["head"],
+                        help="flatten: average pool by 4 and flatten; pool: adaptive average "
+                        "pool to 4 positions")
+    parser.add_argument("--groups", type=int, default=MODEL_DEFAULTS["groups"],
+                        help="GroupNorm groups (the cell's, and the stem's and head's with "
+                        "--norm group)")
+    parser.add_argument("--stem-kernel", type=int, default=MODEL_DEFAULTS["stem_kernel"])
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--diagnose-every", type=int, default=0)
     parser.add_argument("--schedule", choices=["lockstep", "sequential"], default="lockstep",
                         help="lockstep (default): the variants of a seed train in one process "
@@ -556,9 +697,16 @@ def main(argv=None) -> int:
     for spec in args.variants:
         parse_variant(spec)
     torch.set_num_threads(args.threads)
+    model = {"channels": args.channels, "inner_channels": args.inner_channels,
+             "norm": args.norm, "head": args.head, "groups": args.groups,
+             "stem_kernel": args.stem_kernel}
+    # runs of the original model keep their file names; another model's names say how it differs
+    tag = "".join(f"-{key}{value}" for key, value in model.items()
+                  if key not in ("channels", "inner_channels") and value != MODEL_DEFAULTS[key])
+    tag += f"-lr{args.lr:g}" if args.lr != 2e-3 else ""
     if args.compare_gradients:
         found = {steps: compare_gradients(args.variants, data=args.data, steps=steps,
-                                          seed=args.seeds[0])
+                                          seed=args.seeds[0], lr=args.lr, **model)
                  for steps in args.compare_gradients}
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -567,17 +715,16 @@ def main(argv=None) -> int:
     args.runs.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
-        paths = {variant: args.runs / (f"{args.data}-c{args.channels}-{args.inner_channels}-"
-                                       f"{variant}-e{args.epochs}-seed{seed}.json")
+        paths = {variant: args.runs / (f"{args.data}-c{args.channels}-{args.inner_channels}"
+                                       f"{tag}-{variant}-e{args.epochs}-seed{seed}.json")
                  for variant in args.variants}
         if all(path.exists() for path in paths.values()):
             for path in paths.values():
                 runs.append(json.loads(path.read_text()))
                 print(f"reusing {path}")
             continue
-        options = dict(data=args.data, epochs=args.epochs, seed=seed,
-                       diagnose_every=args.diagnose_every, channels=args.channels,
-                       inner_channels=args.inner_channels)
+        options = dict(data=args.data, epochs=args.epochs, seed=seed, lr=args.lr,
+                       diagnose_every=args.diagnose_every, **model)
         if args.schedule == "lockstep":
             found = train_together(args.variants, **options)
         else:

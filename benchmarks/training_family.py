@@ -1,0 +1,221 @@
+"""Training across a family of setups: does a layer's default hold beyond the recipe it was tuned on?
+
+One recipe is a finding, not a default. This script trains the layers of
+``training_parity.py`` (the tutorial's chapter-4 code, torchdeq, the library's ``DEQ`` with its
+defaults, and any variant spelled as there) on a family of setups that differ in what users
+change around a DEQ layer: the data (MNIST-1D sequences, digits images), the width (16/32/48
+channels), the norm of the stem and head (BatchNorm or GroupNorm), the head (a flatten of every
+position or an adaptive pool to four) and the learning rate. Every (setup, seed) trains its
+variants in lockstep in one process (same weights, same batches, each step timed on its own),
+one thread per process; ``--jobs 2`` runs two such processes side by side on the 2-core
+machine (their accuracy is unaffected; their time ratios are still taken within one process).
+
+Runs are cached one JSON each in ``--runs`` (reused, so the family can be run in pieces)::
+
+    python benchmarks/training_family.py --setups mnist1d-c32-group-pool --seeds 0 1 2
+    python benchmarks/training_family.py --out benchmarks/results/cpu-training-family
+
+``--out`` writes ``results.json`` (mean ± std per setup and variant, and the ratio of training
+time to the tutorial's), ``family.png`` (every setup at a glance) and prints the table the docs
+show. Setups without every requested (variant, seed) run yet are reported as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import training_parity as tp  # noqa: E402
+
+#: the family: name -> (data, model axes, learning rate). The first is the parity benchmark's
+#: own model; "mnist1d-c32-group-pool" is the near variant users met (GroupNorm stem and head,
+#: a pooled head, 4 groups, a 5-wide stem); the rest span the axes without the full product.
+FAMILY: dict[str, dict] = {
+    "mnist1d-c48-batch-flatten": dict(data="mnist1d", channels=48, norm="batch", head="flatten",
+                                      groups=8, stem_kernel=3, lr=2e-3),
+    "mnist1d-c32-group-pool": dict(data="mnist1d", channels=32, norm="group", head="pool",
+                                   groups=4, stem_kernel=5, lr=2e-3),
+    "mnist1d-c16-batch-pool": dict(data="mnist1d", channels=16, norm="batch", head="pool",
+                                   groups=4, stem_kernel=3, lr=2e-3),
+    "mnist1d-c32-group-flatten-lr1e-3": dict(data="mnist1d", channels=32, norm="group",
+                                             head="flatten", groups=4, stem_kernel=5, lr=1e-3),
+    "mnist1d-c48-group-pool-lr1e-3": dict(data="mnist1d", channels=48, norm="group",
+                                          head="pool", groups=8, stem_kernel=3, lr=1e-3),
+    "digits-c16-batch-flatten": dict(data="digits", channels=16, norm="batch", head="flatten",
+                                     groups=4, stem_kernel=3, lr=2e-3),
+    "digits-c32-group-pool": dict(data="digits", channels=32, norm="group", head="pool",
+                                  groups=4, stem_kernel=3, lr=2e-3),
+    "digits-c48-group-flatten-lr1e-3": dict(data="digits", channels=48, norm="group",
+                                            head="flatten", groups=8, stem_kernel=3, lr=1e-3),
+}
+INNER_CHANNELS = 64
+DEFAULT_VARIANTS = ["tutorial", "torchdeq", "implicit"]
+
+
+def run_path(runs: Path, setup: str, variant: str, epochs: int, seed: int) -> Path:
+    return runs / f"{setup}-{variant}-e{epochs}-seed{seed}.json"
+
+
+def train_piece(setup: str, seed: int, variants: list[str], epochs: int, runs: Path) -> str:
+    """Train the variants of one (setup, seed) that are not cached yet, in a process of its own
+    (one thread), and cache each run."""
+    todo = [v for v in variants if not run_path(runs, setup, v, epochs, seed).exists()]
+    if not todo:
+        return f"{setup} seed {seed}: cached"
+    command = [sys.executable, str(Path(__file__).resolve()), "--piece", setup, str(seed),
+               str(epochs), str(runs), *todo]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"{setup} seed {seed} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else f"{setup} {seed}"
+
+
+def _piece(setup: str, seed: int, epochs: int, runs: Path, variants: list[str]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    options = dict(FAMILY[setup])
+    data, lr = options.pop("data"), options.pop("lr")
+    found = tp.train_together(variants, data=data, epochs=epochs, seed=seed, lr=lr,
+                              inner_channels=INNER_CHANNELS, log=lambda *a: None, **options)
+    runs.mkdir(parents=True, exist_ok=True)
+    for run in found:
+        run["setup"] = setup
+        run_path(runs, setup, run["variant"], epochs, seed).write_text(json.dumps(run, indent=1))
+    print(f"{setup} seed {seed}: " + ", ".join(
+        f"{r['variant']} {100 * r['test_accuracy']:.1f}% {r['train_seconds']:.0f}s" for r in found))
+
+
+def collect(runs: Path, setups: list[str], variants: list[str], epochs: int,
+            seeds: list[int]) -> dict:
+    """Per setup and variant: accuracies and times over the seeds found, and the time ratio to
+    the tutorial's per seed (both from the same lockstep process)."""
+    out = {}
+    for setup in setups:
+        rows = {}
+        for variant in variants:
+            found = {s: run_path(runs, setup, variant, epochs, s) for s in seeds}
+            found = {s: json.loads(p.read_text()) for s, p in found.items() if p.exists()}
+            if not found:
+                continue
+            acc = [100 * r["test_accuracy"] for r in found.values()]
+            row = {"seeds": sorted(found), "accuracy": acc,
+                   "accuracy_mean": statistics.fmean(acc),
+                   "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                   "train_seconds": [r["train_seconds"] for r in found.values()]}
+            ref = {s: run_path(runs, setup, "tutorial", epochs, s) for s in found}
+            if variant != "tutorial" and all(p.exists() for p in ref.values()):
+                ratios = [found[s]["train_seconds"] / json.loads(ref[s].read_text())["train_seconds"]
+                          for s in found]
+                row["time_ratio_to_tutorial"] = statistics.fmean(ratios)
+            rows[variant] = row
+        out[setup] = rows
+    return out
+
+
+def table(results: dict, variants: list[str]) -> str:
+    head = "| setup | " + " | ".join(f"`{v}`" for v in variants) + " | ours − tutorial | " \
+           "ours − torchdeq | time ÷ tutorial |"
+    lines = [head, "|" + "---|" * (len(variants) + 4)]
+    ours = "implicit" if "implicit" in variants else variants[-1]
+    for setup, rows in results.items():
+        cells = []
+        for v in variants:
+            r = rows.get(v)
+            cells.append(f"{r['accuracy_mean']:.1f} ± {r['accuracy_std']:.1f} ({len(r['seeds'])})"
+                         if r else "—")
+        gaps = []
+        for peer in ("tutorial", "torchdeq"):
+            if ours in rows and peer in rows:
+                gaps.append(f"{rows[ours]['accuracy_mean'] - rows[peer]['accuracy_mean']:+.1f}")
+            else:
+                gaps.append("—")
+        ratio = rows.get(ours, {}).get("time_ratio_to_tutorial")
+        lines.append(f"| {setup} | " + " | ".join(cells) + f" | {gaps[0]} | {gaps[1]} | "
+                     + (f"{ratio:.2f}" if ratio is not None else "—") + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, variants: list[str], path: Path, title: str) -> None:
+    """One row per setup: each seed's test accuracy as a dot, each variant's mean as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = list(results)
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(setups) + 1.6), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    step = 0.8 / max(1, len(variants))
+    for j, variant in enumerate(variants):
+        for i, setup in enumerate(setups):
+            r = results[setup].get(variant)
+            if not r:
+                continue
+            y = i - 0.4 + step * (j + 0.5)
+            ax.scatter(r["accuracy"], [y] * len(r["accuracy"]), s=14, color=colors[j],
+                       alpha=0.7, label=variant if i == 0 else None, zorder=3)
+            ax.plot([r["accuracy_mean"]] * 2, [y - step / 2.2, y + step / 2.2],
+                    color=colors[j], lw=2.5, zorder=4)
+    ax.set_yticks(range(len(setups)), setups, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (%) — dots: seeds, bars: means")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--piece"]:
+        setup, seed, epochs, runs, *variants = argv[1:]
+        _piece(setup, int(seed), int(epochs), Path(runs), variants)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", nargs="+", default=list(FAMILY), choices=list(FAMILY))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    parser.add_argument("--jobs", type=int, default=1, help="pieces trained at once")
+    parser.add_argument("--runs", type=Path,
+                        default=HERE / "results" / "cpu-training-family" / "runs")
+    parser.add_argument("--out", type=Path, help="write results.json and family.png here")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing; report what the cache holds")
+    args = parser.parse_args(argv)
+    for spec in args.variants:
+        tp.parse_variant(spec)
+    if not args.report_only:
+        pieces = [(s, seed) for s in args.setups for seed in args.seeds]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for line in pool.map(lambda p: train_piece(p[0], p[1], args.variants, args.epochs,
+                                                       args.runs), pieces):
+                print(line, flush=True)
+    results = collect(args.runs, args.setups, args.variants, args.epochs, args.seeds)
+    print(table(results, args.variants))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/training_family.py " + " ".join(argv)
+        (args.out / "results.json").write_text(json.dumps(
+            {"command": command, "epochs": args.epochs, "variants": args.variants,
+             "family": {s: FAMILY[s] for s in args.setups}, "results": results}, indent=1))
+        plot(results, args.variants, args.out / "family.png",
+             f"{args.epochs} epoch(s), seeds {args.seeds}, one thread per run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
