@@ -129,13 +129,16 @@ def test_step_readout_is_one_more_cell_call_and_passes_gradcheck():
 
 
 def _dense_adjoint_gradients(cell, z, x, upstream, gain):
-    """``uᵀ ∂f/∂θ`` with ``u = (I − gain · Jᵀ)⁻¹ upstream`` per sample, J dense."""
+    """``uᵀ ∂f/∂θ`` with ``u = (I − gain_i · Jᵀ)⁻¹ upstream`` per sample, J dense (``gain``: a
+    number, or one per sample)."""
     params = list(cell.parameters())
     grads = [torch.zeros_like(p) for p in params]
+    gains = [float(g) for g in gain] if isinstance(gain, (list, tuple)) else [gain] * len(z)
     for i in range(z.shape[0]):
         zi, xi = z[i].detach(), x[i].detach()
         jac = torch.autograd.functional.jacobian(lambda v: cell(v[None], xi[None])[0], zi)
-        u = torch.linalg.solve(torch.eye(len(zi), dtype=z.dtype) - gain * jac.T, upstream[i])
+        u = torch.linalg.solve(torch.eye(len(zi), dtype=z.dtype) - gains[i] * jac.T,
+                               upstream[i])
         for acc, g in zip(grads, torch.autograd.grad(cell(zi[None], xi[None])[0], params, u)):
             acc += g
     return grads
@@ -144,8 +147,11 @@ def _dense_adjoint_gradients(cell, z, x, upstream, gain):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("damping", [0.0, 0.2, 0.7])
 def test_ift_damps_its_adjoint_in_training_only(damping, training):
+    """The damped formula (exact_below=0: every sample damped in training, however tight its
+    forward solve)."""
     cell = _cell(scale=0.95)
-    backward = implicit.make_backward("ift", tol=1e-13, max_iter=400, damping=damping)
+    backward = implicit.make_backward("ift", tol=1e-13, max_iter=400, damping=damping,
+                                      exact_below=0.0)
     layer = implicit.DEQ(cell, solver="anderson", backward=backward, tol=1e-12, stop="abs",
                          max_iter=300).train(training)
     x = torch.randn(3, 3, dtype=torch.float64)
@@ -158,6 +164,43 @@ def test_ift_damps_its_adjoint_in_training_only(damping, training):
     for p, g in zip(cell.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
     assert layer.backward_solution.all_converged
+
+
+def test_a_tightly_solved_layer_gives_the_true_derivative_in_training_too():
+    """A fresh layer is in training mode: with solves converged far below exact_below its
+    gradient is the exact IFT one (gradcheck passes), and its record says nothing was damped."""
+    cell = _cell(scale=0.9)
+    layer = implicit.DEQ(cell, tol=1e-12, stop="abs", max_iter=300)
+    assert layer.training and layer.backward.damping > 0
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    out = layer(x.detach())
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    expected = _dense_adjoint_gradients(cell, layer.solution.z, x, upstream, 1.0)
+    for p, g in zip(cell.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
+    assert layer.backward_solution.stats["damped"] == 0
+
+
+def test_training_damps_exactly_the_samples_whose_forward_solve_is_loose():
+    """Per sample: a sample saturated by a large input contracts fast and is solved to 1e-13,
+    one with a small input stops at the cap far above exact_below; only the second is damped."""
+    cell = _cell(scale=0.97)
+    backward = implicit.make_backward("ift", tol=1e-13, max_iter=400)
+    layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-13, stop="abs",
+                         max_iter=25, policy="ignore")
+    x = torch.tensor([[0.05, -0.02, 0.01], [30.0, -30.0, 30.0]], dtype=torch.float64)
+    out = layer(x)
+    rel = layer.solution.rel_residual
+    assert rel[0] > 1e-6 and rel[1] <= backward.exact_below  # the premise, measured
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    gains = [1 - backward.damping, 1.0]
+    expected = _dense_adjoint_gradients(cell, layer.solution.z, x, upstream, gains)
+    for p, g in zip(cell.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
+    assert layer.backward_solution.stats["damped"] == 1
 
 
 def test_default_ift_is_damped_in_training_and_exact_in_eval():

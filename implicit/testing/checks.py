@@ -656,6 +656,40 @@ def check_gradient_contract(registry: Registry, backward: str, solver: str,
              f"{label}: directional derivative {analytic:.8g} but finite differences give "
              f"{numeric:.8g}")
     tally.claim("gradient")
+    _check_exact_in_training(layer, xr, start, grads, params, label, tally)
+
+
+def _check_exact_in_training(layer: DEQ, xr: torch.Tensor, start: Any, grads, params,
+                             label: str, tally: Tally) -> None:
+    """An ``exact`` backward whose solves converged tightly gives the true derivative in
+    training mode too (a fresh layer is in training mode, and users gradcheck it): the training
+    gradient equals the eval one just checked against finite differences. No claim when the
+    cell itself computes differently in training (dropout, batch statistics)."""
+    cell = layer.cell
+    try:
+        with torch.no_grad():
+            z_star = layer.solution.z
+            u = injection_of(cell, xr.detach())
+            evaluated = _parts(update_of(cell, z_star, u))
+            cell.train()
+            trained = _parts(update_of(cell, z_star, u))
+        if not all(torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+                   for a, b in zip(evaluated, trained)):
+            tally.no_claim("exact_in_training", "the cell computes differently in training")
+            return
+        layer.train()
+        out = layer(xr, start)
+        got = torch.autograd.grad(_loss(out, torch.Generator().manual_seed(0)), [xr, *params],
+                                  allow_unused=True)
+    finally:
+        layer.eval()
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                for a, b in zip(got, grads) if b is not None and a is not None)
+    _require(worst <= 1e-6,
+             f"{label}: in training mode the gradient of a layer whose solves converged to "
+             f"1e-11 is off the exact one by {worst:.3g} (relative, worst tensor): a tightly "
+             f"solved layer must give the true derivative in either mode")
+    tally.claim("exact_in_training")
 
 
 def check_adjoint(registry: Registry, backward: str, solver: str, example: CellExample,
