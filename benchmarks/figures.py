@@ -79,6 +79,45 @@ def training_parity_ablation() -> str:
             f"`{data['command']}`.\n")
 
 
+def _family_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("training_family",
+                                                  ROOT / "benchmarks" / "training_family.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def training_family() -> str:
+    """The family of setups (``benchmarks/training_family.py --out``): mean ± std (seeds) per
+    setup and layer, the gaps of ours to the peers, and its time ratio to the tutorial."""
+    data = _load("cpu-training-family")
+    family = _family_module()
+    axes = "; ".join(f"`{name}`: {spec['data']}, {spec['channels']} channels, "
+                     f"{spec['norm']} norm, {spec['head']} head, lr {spec['lr']:g}"
+                     for name, spec in data["family"].items())
+    return (family.table(data["results"], data["variants"]) + "\n\n"
+            f"Test accuracy (%) after {data['epochs']} epochs, mean ± std over the seeds run "
+            f"(count in brackets); time ÷ tutorial from the same lockstep processes. "
+            f"Setups: {axes}. Command: `{data['command']}`.\n")
+
+
+def training_causes() -> str:
+    """The half swaps and adjoint variants on the near-variant setup (``causes.json``)."""
+    data = json.loads((RESULTS / "cpu-training-family" / "causes.json").read_text())
+    seeds = data["seeds"]
+    lines = ["| layer | what changes | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean | final train loss |", "|---|---|" + "---|" * len(seeds) + "---|---|"]
+    for row in data["rows"]:
+        acc = [row["accuracy"].get(str(s)) for s in seeds]
+        shown = " | ".join(f"{a:.1f}" if a is not None else "—" for a in acc)
+        found = [a for a in acc if a is not None]
+        mean = f"{statistics.fmean(found):.1f}" if found else "—"
+        loss = ", ".join(f"{v:.3f}" for v in row["train_loss"])
+        lines.append(f"| `{row['variant']}` | {row['description']} | {shown} | {mean} | {loss} |")
+    return "\n".join(lines) + f"\n\n{data['what']} Command: `{data['command']}`.\n"
+
+
 def digits() -> str:
     """The digits run's last epoch, from its committed log (``benchmarks/digits.py --out``)."""
     lines = (RESULTS / "cpu-digits" / "log.txt").read_text().splitlines()
@@ -295,6 +334,8 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "problems-calls": lambda: problems(calls=True),
     "digits": digits,
     "training-parity-ablation": training_parity_ablation,
+    "training-family": training_family,
+    "training-causes": training_causes,
     "verify-cases": verify_cases,
     "bench-quick": bench_quick,
     "compiled": compiled,

@@ -208,3 +208,65 @@ def test_default_ift_is_damped_in_training_and_exact_in_eval():
     assert 0 < backward.damping < 1
     with pytest.raises(ValueError, match="damping must be a number in"):
         implicit.make_backward("ift", damping=1.0)
+
+
+class _Affine(torch.nn.Module):
+    """z ↦ A z + x, A a parameter (a plain module: the injection is x itself)."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        super().__init__()
+        self.A = torch.nn.Parameter(A.clone())
+
+    def forward(self, z, x):
+        return z @ self.A.T + x
+
+
+def test_relaxed_training_adjoint_is_the_truncated_relaxed_series():
+    """training_adjoint="relaxed": in training, K = max_iter − 1 steps of w ← (1 − β) w +
+    β (Jᵀ w + y) from w = y, last iterate (a dense loop here), also where the series grows
+    (a linear cell with the eigenvalues 1.2 and 0.5: the residual then grows, and the last
+    iterate is not the best); in eval training_adjoint changes nothing."""
+    cell = _Affine(torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, 0.3]],
+                                dtype=torch.float64))
+    backward = implicit.make_backward("ift", tol=1e-14, max_iter=12,
+                                      training_adjoint="relaxed", relaxation=0.3)
+    layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-13, stop="abs",
+                         max_iter=6, policy="ignore")
+    x = torch.randn(3, 3, dtype=torch.float64)
+    out = layer(x)
+    assert not layer.solution.converged.any()  # z* inexact: the relaxed adjoint applies
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    params = list(cell.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    z = layer.solution.z
+    for i in range(3):
+        zi, xi = z[i].detach(), x[i]
+        jac = torch.autograd.functional.jacobian(lambda v: cell(v[None], xi[None])[0], zi)
+        w = upstream[i].clone()
+        for _ in range(backward.max_iter - 1):
+            w = 0.7 * w + 0.3 * (jac.T @ w + upstream[i])
+        for acc, g in zip(expected, torch.autograd.grad(cell(zi[None], xi[None])[0], params, w)):
+            acc += g
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    assert layer.backward_solution.n_calls == backward.max_iter
+    assert layer.backward_solution.status is implicit.Status.MAX_ITER  # by design: no warning
+    # the premise: for some sample the series grows (its first residual ‖Jᵀ y‖ / ‖y‖ is at
+    # most ρ(A) = 1.2), so its best iterate is an earlier one than its last
+    assert float(layer.backward_solution.abs_residual.max()) > 1.2
+    # in eval training_adjoint changes nothing: the adjoint solver's exact solve, as without it
+    grads = {}
+    for mode in ("relaxed", "damped"):
+        for p in params:
+            p.grad = None
+        layer = implicit.DEQ(cell, solver="forward", backward=implicit.make_backward(
+            "ift", tol=1e-14, max_iter=12, training_adjoint=mode), tol=1e-13, stop="abs",
+            max_iter=6, policy="ignore").eval()
+        (layer(x) * upstream).sum().backward()
+        grads[mode] = [p.grad.clone() for p in params]
+    for a, b, r in zip(grads["relaxed"], grads["damped"], expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(a, r, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="training_adjoint must be one of"):
+        implicit.make_backward("ift", training_adjoint="neumann")
