@@ -66,3 +66,64 @@ def test_side_by_side_run_on_digits(parity, tmp_path):
     assert set(summary) == {"tutorial", "implicit"}
     parity.plot(runs, tmp_path / "curves.png", "digits")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("data, dims, length", [("mnist1d", 1, 40), ("digits", 2, 8)])
+@pytest.mark.parametrize("norm, head", [("batch", "flatten"), ("group", "pool")])
+def test_model_axes_build_the_model_asked_for(parity, data, dims, length, norm, head):
+    model = parity.build_model("implicit", {}, dims=dims, length=length, seed=0, channels=8,
+                               inner_channels=16, norm=norm, head=head, groups=4,
+                               stem_kernel=5)
+    norms = [m for m in model if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm1d,
+                                                torch.nn.BatchNorm2d))]
+    assert len(norms) == 2 and all(isinstance(m, torch.nn.GroupNorm) == (norm == "group")
+                                   for m in norms)
+    assert model[0].kernel_size[0] == 5
+    positions = 4 if head == "pool" else (length // 4) ** dims
+    assert model[-1].in_features == 8 * positions
+    x = torch.randn(2, 1, *([length] * dims))
+    assert model.eval()(x).shape == (2, 10)
+
+
+def test_half_swaps_keep_the_other_half(parity):
+    """tutorial:forward=implicit solves with the library (per-sample stop), the rest the
+    tutorial's; implicit:forward=tutorial hands the tutorial's z* to a one-call DEQ."""
+    torch.manual_seed(0)
+    cell = parity.implicit.make_cell("tanh", features=6, in_features=6)
+    x = torch.randn(4, 6)
+    swapped = parity.tutorial_layer(cell, forward="implicit", tol=1e-6, max_iter=60)
+    z = swapped(x)
+    torch.testing.assert_close(z, cell(swapped.z_star, x))  # the tutorial's f(z*) readout
+    assert float((cell(z, x) - z).detach().norm(dim=1).max()) < 1e-4
+    other = parity.implicit_layer(cell, forward="tutorial", tol=1e-6, max_iter=60)
+    out = other(x)
+    assert other.deq.solution.n_calls == 1  # z* came from the tutorial's solve
+    assert out.requires_grad
+    out.sum().backward()
+    assert all(p.grad is not None for p in cell.parameters())
+
+
+@pytest.fixture(scope="module")
+def family():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "training_family", ROOT / "benchmarks" / "training_family.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_family_collects_cached_runs_into_the_table(family, tmp_path):
+    setup = next(iter(family.FAMILY))
+    for seed, (tut, ours, secs) in enumerate([(0.95, 0.96, 50.0), (0.93, 0.90, 40.0)]):
+        for variant, acc, t in (("tutorial", tut, 100.0), ("implicit", ours, secs)):
+            family.run_path(tmp_path, setup, variant, 10, seed).write_text(
+                '{"test_accuracy": %r, "train_seconds": %r}' % (acc, t))
+    found = family.collect(tmp_path, [setup], ["tutorial", "implicit"], 10, [0, 1, 2])
+    ours = found[setup]["implicit"]
+    assert ours["seeds"] == [0, 1] and ours["accuracy_mean"] == pytest.approx(93.0)
+    assert ours["time_ratio_to_tutorial"] == pytest.approx(0.45)
+    row = family.table(found, ["tutorial", "implicit"]).splitlines()[2]
+    assert row.startswith(f"| {setup} | 94.0 ± 1.4 (2) | 93.0 ± 4.2 (2) | -1.0 |")

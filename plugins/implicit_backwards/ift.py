@@ -128,7 +128,7 @@ class ImplicitBackward(implicit.BackwardStrategy):
 
     @property
     def regularises_in_training(self) -> bool:
-        return self.damping > 0
+        return self.damping > 0 or self.training_adjoint == "relaxed"
 
     def relaxed_solver(self, adjoint_solver: implicit.Solver) -> implicit.Solver:
         """``training_adjoint="relaxed"``'s solver: forward iteration with ``beta =
