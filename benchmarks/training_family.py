@@ -73,7 +73,7 @@ def label(variant: str) -> str:
 
 
 def run_path(runs: Path, setup: str, variant: str, epochs: int, seed: int) -> Path:
-    return runs / f"{setup}-{variant}-e{epochs}-seed{seed}.json"
+    return runs / f"{setup}-{tp.slug(variant)}-e{epochs}-seed{seed}.json"
 
 
 def train_piece(setup: str, seed: int, variants: list[str], epochs: int, runs: Path) -> str:
@@ -227,7 +227,7 @@ def write_causes(folder: Path, out: Path, command: str) -> None:
     rows, seeds = [], set()
     for variant, description in CAUSES.items():
         found = {}
-        for path in sorted(folder.glob(f"*-{variant}-e10-seed*.json")):
+        for path in sorted(folder.glob(f"*-{tp.slug(variant)}-e10-seed*.json")):
             run = json.loads(path.read_text())
             if run["variant"] == variant:
                 found[run["seed"]] = run

@@ -211,6 +211,11 @@ def _parse_value(text: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def slug(variant: str) -> str:
+    """A variant's spelling as part of a file name that every file system accepts (no ':')."""
+    return variant.replace(":", "--")
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     """``"implicit:readout=state,adjoint_tol=1e-4"`` -> ``("implicit", {...})``."""
     base, _, rest = spec.partition(":")
@@ -729,7 +734,7 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:
         paths = {variant: args.runs / (f"{args.data}-c{args.channels}-{args.inner_channels}"
-                                       f"{tag}-{variant}-e{args.epochs}-seed{seed}.json")
+                                       f"{tag}-{slug(variant)}-e{args.epochs}-seed{seed}.json")
                  for variant in args.variants}
         if all(path.exists() for path in paths.values()):
             for path in paths.values():
