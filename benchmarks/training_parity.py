@@ -247,25 +247,30 @@ def implicit_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
                    adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30,
                    adjoint_solver: "str | implicit.Solver | None" = None, forward: str = "implicit",
                    adjoint_beta: float | None = None, adjoint_returns: str | None = None,
+                   adjoint_divergence: float | None = None,
                    **deq_options: Any) -> nn.Module:
     """The library's layer in the recipe; ``deq_options`` go to ``implicit.DEQ`` (names
     prefixed ``solver.`` / ``backward.`` go to the solver / the backward).
     ``forward="tutorial"`` swaps in the tutorial's forward solve (:class:`TutorialForwardDEQ`);
     ``adjoint_beta=b`` solves the adjoint by relaxed fixed-point iteration ``w ← (1 − b) w +
     b (Jᵀ w + y)`` (the forward solver with ``beta=b``); ``adjoint_returns`` sets which
-    iterate the adjoint solve returns ("best" by residual, the default, or "last")."""
-    if adjoint_beta is not None or adjoint_returns is not None:
+    iterate the adjoint solve returns ("best" by residual, the default, or "last");
+    ``adjoint_divergence`` its ``divergence_factor`` (a sample whose adjoint residual passes
+    that multiple of its start is held there)."""
+    if adjoint_beta is not None or adjoint_returns is not None or adjoint_divergence is not None:
         name = "forward" if adjoint_beta is not None else (adjoint_solver or "anderson")
         adjoint_solver = implicit.make_solver(
             name, **({"beta": adjoint_beta} if adjoint_beta is not None else {}),
-            **({"returns": adjoint_returns} if adjoint_returns is not None else {}))
+            **({"returns": adjoint_returns} if adjoint_returns is not None else {}),
+            **({"divergence_factor": adjoint_divergence} if adjoint_divergence is not None
+               else {}))
     if forward not in ("tutorial", "implicit"):
         raise SystemExit(f"implicit:forward= must be tutorial or implicit, got {forward!r}")
     if forward == "tutorial":
         deq = implicit_layer(cell, tol=tol, max_iter=1, adjoint_tol=adjoint_tol,
                              adjoint_max_iter=adjoint_max_iter, adjoint_solver=adjoint_solver,
                              adjoint_beta=adjoint_beta, adjoint_returns=adjoint_returns,
-                             **deq_options)
+                             adjoint_divergence=adjoint_divergence, **deq_options)
         return TutorialForwardDEQ(deq, dict(m=5, lam=1e-4, tol=tol, max_iter=max_iter))
     solver_options = {k[7:]: v for k, v in deq_options.items() if k.startswith("solver.")}
     backward_options = {k[9:]: v for k, v in deq_options.items() if k.startswith("backward.")}
