@@ -350,6 +350,14 @@ class BackwardSpec(PluginSpec):
     #: for its drawn options, which a bound alone cannot (it cannot tell two approximations apart)
     adjoint_formula: Optional[Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = (
         attrs.field(default=None, validator=v.optional(v.is_callable())))
+    #: ``training_adjoint(strategy)``: for a strategy whose adjoint differs in training, how
+    #: to pin it down: ``None`` (no claim for these options) or ``(strategy', formula)``, where
+    #: ``strategy'`` is the strategy with its adjoint solve made deterministic (a tolerance and
+    #: a budget) and ``formula(J, y)`` the adjoints its training gradient implies at an inexact
+    #: ``z*``, from the ``(B, n, n)`` Jacobians and the ``(B, n)`` upstream gradients of the
+    #: batch (e.g. ift's damped ``(I − (1 − δ) Jᵀ)⁻¹ y``)
+    training_adjoint: Optional[Callable[[Any], Any]] = attrs.field(
+        default=None, validator=v.optional(v.is_callable()))
 
 
 def _check_shape(instance, attribute, value):

@@ -270,3 +270,136 @@ def test_relaxed_training_adjoint_is_the_truncated_relaxed_series():
         assert not torch.allclose(a, r, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="training_adjoint must be one of"):
         implicit.make_backward("ift", training_adjoint="neumann")
+
+
+def test_averaged_training_adjoint_is_the_windowed_average_iteration():
+    """training_adjoint="averaged": in training, from u = 0 (image y) each of max_iter calls
+    maps the mean of the last `window` images, F ← Jᵀ mean(F) + y, and the last image is the
+    adjoint (a dense loop here, also where the iteration grows: eigenvalue 1.2); a sample whose
+    z* is exact gets the exact adjoint; in eval it is the adjoint solver's exact solve."""
+    cell = _Affine(torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
+                                dtype=torch.float64))
+    backward = implicit.make_backward("ift", tol=1e-14, max_iter=9, ridge=None,
+                                      training_adjoint="averaged", window=3)
+    layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-13, stop="abs",
+                         max_iter=6, policy="ignore")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, dtype=torch.float64, generator=gen)
+    out = layer(x)
+    assert not layer.solution.converged.any()  # z* inexact: the averaged adjoint applies
+    upstream = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    (out * upstream).sum().backward()
+    params = list(cell.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    jac = cell.A.detach()  # the Jacobian of z ↦ A z + x
+    for i in range(3):
+        images = [upstream[i].clone()]
+        for _ in range(backward.max_iter):
+            u = sum(images[-backward.window:]) / len(images[-backward.window:])
+            images.append(jac.T @ u + upstream[i])
+        w = images[-1]
+        zi = layer.solution.z[i].detach()
+        for acc, g in zip(expected, torch.autograd.grad(cell(zi[None], x[i][None])[0],
+                                                        params, w)):
+            acc += g
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    record = layer.backward_solution
+    assert record.n_calls == backward.max_iter and record.status is implicit.Status.MAX_ITER
+    assert record.solver == "averaged(window=3)" and record.nvjp == backward.max_iter
+    # the premise: the iteration grows along the eigenvalue 1.2 (residual above its start)
+    assert float(record.abs_residual.max()) > 1.0
+    # in eval, the exact adjoint whatever training_adjoint says
+    grads = {}
+    for mode in ("averaged", "damped"):
+        for p in params:
+            p.grad = None
+        layer = implicit.DEQ(cell, solver="forward", backward=implicit.make_backward(
+            "ift", tol=1e-14, max_iter=200, solver="gmres", training_adjoint=mode),
+            tol=1e-13, stop="abs", max_iter=6, policy="ignore").eval()
+        (layer(x) * upstream).sum().backward()
+        grads[mode] = [p.grad.clone() for p in params]
+    for a, b, r in zip(grads["averaged"], grads["damped"], expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(a, r, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="window must be"):
+        implicit.make_backward("ift", training_adjoint="averaged", window=0)
+
+
+def test_averaged_training_adjoint_converges_to_the_exact_adjoint_and_stops():
+    """For ρ(J) < 1 the averaged iteration converges to w = (I − Jᵀ)⁻¹ y: given calls enough it
+    meets its tol per sample (each stops, records CONVERGED) and the gradient is the exact one."""
+    cell = _Affine(torch.tensor([[0.5, 0.2, 0.0], [0.1, -0.4, 0.0], [0.0, 0.3, 0.6]],
+                                dtype=torch.float64))
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for mode in ("averaged", "exact"):
+        for p in cell.parameters():
+            p.grad = None
+        backward = (implicit.make_backward("ift", tol=1e-12, max_iter=400, ridge=None,
+                                           training_adjoint="averaged")
+                    if mode == "averaged" else implicit.make_backward("ift", damping=0.0,
+                                                                      tol=1e-13, max_iter=100))
+        layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-4, max_iter=5,
+                             policy="ignore")
+        layer(x).sum().backward()
+        grads[mode] = [p.grad.clone() for p in cell.parameters()]
+        if mode == "averaged":
+            record = layer.backward_solution
+            assert record.status is implicit.Status.CONVERGED
+            assert record.n_calls < 400 and bool((record.nfe <= record.n_calls).all())
+    for a, b in zip(grads["averaged"], grads["exact"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_averaged_training_adjoint_ridge_regularises_by_the_batch_scale():
+    """ridge=κ: sample i's mix is regularised by κ · mean_j ‖y_j‖² (in its own units,
+    κ mean_j ‖y_j‖² / ‖y_i‖²), so a sample with a large gradient is mixed by Anderson's weights
+    and one with a small gradient averaged (a per-sample numpy loop here); scaling the loss
+    scales the gradient and changes nothing else."""
+    import numpy as np
+
+    cell = _Affine(torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
+                                dtype=torch.float64))
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 3, dtype=torch.float64, generator=gen)
+    upstream = torch.randn(3, 3, dtype=torch.float64, generator=gen)
+    upstream = upstream * torch.tensor([[0.01], [1.0], [3.0]], dtype=torch.float64)
+    grads = []
+    for loss_scale in (1.0, 1024.0):
+        cell.A.grad = None
+        backward = implicit.make_backward("ift", tol=1e-14, max_iter=7, window=3,
+                                          ridge=2.0, training_adjoint="averaged")
+        layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-13,
+                             stop="abs", max_iter=4, policy="ignore")
+        (layer(x) * upstream * loss_scale).sum().backward()
+        grads.append(cell.A.grad.clone() / loss_scale)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+    jac = cell.A.detach().numpy()
+    z = layer.solution.z.detach()
+    norms = upstream.norm(dim=1).numpy()
+    expected = torch.zeros_like(cell.A)
+    for i in range(3):
+        y = upstream[i].numpy() / norms[i]
+        ridge = 2.0 * np.mean(norms ** 2) / norms[i] ** 2
+        points, images = [np.zeros(3)], [y]
+        for _ in range(7):
+            F, U = np.array(images[-3:]), np.array(points[-3:])
+            G = F - U
+            weights = np.linalg.solve(G @ G.T + ridge * np.eye(len(F)), np.ones(len(F)))
+            u = (weights / weights.sum()) @ F
+            points.append(u)
+            images.append(jac.T @ u + y)
+        expected += torch.outer(torch.from_numpy(images[-1] * norms[i]), z[i])
+    torch.testing.assert_close(grads[0], expected, rtol=1e-10, atol=1e-14)
+    # a huge ridge is the plain average (ridge=None), which a small one is not
+    plain = {}
+    for ridge in (1e12, None):
+        cell.A.grad = None
+        layer = implicit.DEQ(cell, solver="forward", backward=implicit.make_backward(
+            "ift", tol=1e-14, max_iter=7, window=3, ridge=ridge, training_adjoint="averaged"),
+            tol=1e-13, stop="abs", max_iter=4, policy="ignore")
+        (layer(x) * upstream).sum().backward()
+        plain[ridge] = cell.A.grad.clone()
+    torch.testing.assert_close(plain[1e12], plain[None], rtol=1e-8, atol=1e-12)
+    assert not torch.allclose(grads[0], plain[None], rtol=1e-3, atol=1e-8)

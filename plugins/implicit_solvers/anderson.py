@@ -148,7 +148,9 @@ class Anderson(implicit.Solver):
 
     m: int = attrs.field(default=5, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=number_in(0, 2, low_open=True))
-    lam: float = attrs.field(default=1e-4, validator=number_in(0, 1, high_open=True))
+    #: the ridge relative to the residuals' scale (``λ' = lam · tr(GGᵀ)/k``); from ~1 upwards
+    #: the weights tend to uniform (the mix becomes the window's average)
+    lam: float = attrs.field(default=1e-4, validator=number_in(0, 1e6))
     safeguard: Optional[bool] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool)))
     growth: float = attrs.field(default=GROWTH, validator=number_in(1, float("inf")))
