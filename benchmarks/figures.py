@@ -118,6 +118,26 @@ def training_causes() -> str:
     return "\n".join(lines) + f"\n\n{data['what']} Command: `{data['command']}`.\n"
 
 
+def training_probes() -> str:
+    """The probes on the two setups where the defaults trail most (``probes.json``)."""
+    data = json.loads((RESULTS / "cpu-training-family" / "probes.json").read_text())
+    setups = data["setups"]
+    lines = ["| layer | what changes | " + " | ".join(f"{s} (seeds)" for s in setups)
+             + " | " + " | ".join(f"{s} mean" for s in setups) + " |",
+             "|---|---|" + "---|" * (2 * len(setups))]
+    for row in data["rows"]:
+        seeds, means = [], []
+        for setup in setups:
+            found = row["accuracy"].get(setup, {})
+            seeds.append(", ".join(f"{found[k]:.1f}" for k in sorted(found, key=int)) or "—")
+            means.append(f"{statistics.fmean(found.values()):.1f}" if found else "—")
+        lines.append(f"| `{row['variant']}` | {row['description']} | " + " | ".join(seeds)
+                     + " | " + " | ".join(means) + " |")
+    return ("\n".join(lines) + "\n\nTest accuracy (%) after 10 epochs per seed (seeds "
+            + ", ".join(map(str, data["seeds"])) + " where run, in order), one change per row. "
+            f"Command: `{data['command']}`.\n")
+
+
 def digits() -> str:
     """The digits run's last epoch, from its committed log (``benchmarks/digits.py --out``)."""
     lines = (RESULTS / "cpu-digits" / "log.txt").read_text().splitlines()
@@ -336,6 +356,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "training-parity-ablation": training_parity_ablation,
     "training-family": training_family,
     "training-causes": training_causes,
+    "training-probes": training_probes,
     "verify-cases": verify_cases,
     "bench-quick": bench_quick,
     "compiled": compiled,

@@ -65,6 +65,9 @@ LABELS = {
     # ift(training_adjoint="relaxed"), spelled with the benchmark's options
     "implicit:adjoint_beta=0.333,backward.damping=0,adjoint_returns=last":
         "implicit, relaxed training adjoint",
+    # ift(training_adjoint="averaged") with its default ridge
+    "implicit:backward.training_adjoint=averaged,backward.ridge=30":
+        "implicit, averaged training adjoint",
 }
 
 
@@ -221,6 +224,77 @@ CAUSES = {
 }
 
 
+#: the probes on the two setups where the defaults trail most (family runs, one change at a
+#: time): variant -> what it changes. The first two are the references.
+PROBES = {
+    "tutorial": "the tutorial's code",
+    "torchdeq": "torchdeq 0.1.0: its Anderson in both solves (absolute ridge 1e-4), the "
+                "lowest-residual image",
+    "implicit": "the library's defaults: best iterate forward; adjoint damped (δ = 0.1), "
+                "solved by Anderson",
+    "torchdeq:backward=implicit": "half swap: torchdeq's forward solve, the library's output and "
+                                  "gradient",
+    "torchdeq:forward=implicit": "half swap: the library's forward solve, torchdeq's output and "
+                                 "gradient",
+    "implicit:solver.returns=last": "the forward's last iterate instead of its best",
+    "implicit:solver.safeguard=false": "the forward without the safeguard",
+    "implicit:tol=1e-6": "the forward to 1e-6 (to the cap, in practice)",
+    "torchdeq:forward=implicit,solver.returns=last": "the library's forward (last iterate), "
+                                                     "torchdeq's gradient",
+    "torchdeq:forward=implicit,solver.returns=last,adjoint.return_final=true":
+        "the same, torchdeq's adjoint returning its last image",
+    "torchdeq:forward=implicit,solver.returns=last,adjoint.lam=1e-10":
+        "the same, torchdeq's adjoint without its ridge (Anderson proper)",
+    "torchdeq:forward=implicit,solver.returns=last,adjoint.stop_mode=abs":
+        "the same, torchdeq's adjoint keeping its lowest absolute residual",
+    "implicit:adjoint_beta=0.333,backward.damping=0,adjoint_returns=last":
+        "training_adjoint=\"relaxed\" (β = 1/3, last iterate)",
+    "implicit:solver.returns=last,adjoint_beta=0.333,backward.damping=0,adjoint_returns=last":
+        "relaxed, and the forward's last iterate",
+    "implicit:backward.training_adjoint=averaged,backward.ridge=none":
+        "training_adjoint=\"averaged\", plain average of the window (5), last image",
+    "implicit:backward.training_adjoint=averaged,backward.ridge=none,solver.returns=last":
+        "the same, and the forward's last iterate",
+    "implicit:backward.training_adjoint=averaged,backward.ridge=30":
+        "averaged with Anderson weights regularised by 30 × the batch's mean ‖y‖² (torchdeq's "
+        "absolute ridge at initialisation, made scale-free)",
+    "implicit:backward.training_adjoint=averaged,backward.ridge=300": "the same with 300",
+    "implicit:backward.training_adjoint=averaged,backward.ridge=30,backward.window=6":
+        "ridge 30, window 6 (torchdeq's history)",
+    "implicit:backward.training_adjoint=averaged,backward.ridge=30,readout=step":
+        "ridge 30, and f(z*) read out (torchdeq's and the tutorial's output)",
+    "torchdeq:forward=implicit,adjoint.solver=library,adjoint.ridge=30":
+        "torchdeq's gradient structure (output f(z*), adjoint at it) on the library's "
+        "forward, its adjoint by the library's averaged iteration, ridge 30",
+    "implicit:adjoint.lam=100,adjoint.m=6,backward.damping=0":
+        "undamped adjoint by Anderson (m = 6) with a relative ridge of 100, best iterate",
+    "implicit:adjoint.lam=100,adjoint.m=6,backward.damping=0,adjoint_returns=last":
+        "the same, last iterate",
+}
+PROBE_SETUPS = ("mnist1d-c16-batch-pool", "mnist1d-c32-group-pool")
+
+
+def write_probes(folders: list[Path], out: Path, command: str) -> None:
+    """``probes.json``: per probe of :data:`PROBES` and setup of :data:`PROBE_SETUPS`, the
+    10-epoch test accuracy per seed found in ``folders`` (training_family run files)."""
+    rows, seeds = [], set()
+    for variant, description in PROBES.items():
+        accuracy = {}
+        for setup in PROBE_SETUPS:
+            found = {}
+            for folder in folders:
+                for path in folder.glob(f"{setup}-{tp.slug(variant)}-e10-seed*.json"):
+                    run = json.loads(path.read_text())
+                    if run["variant"] == variant:
+                        found[str(run["seed"])] = 100 * run["test_accuracy"]
+            seeds |= {int(k) for k in found}
+            accuracy[setup] = found
+        if any(accuracy.values()):
+            rows.append({"variant": variant, "description": description, "accuracy": accuracy})
+    out.write_text(json.dumps({"setups": list(PROBE_SETUPS), "seeds": sorted(seeds),
+                               "command": command, "rows": rows}, indent=1))
+
+
 def write_causes(folder: Path, out: Path, command: str) -> None:
     """``causes.json``: the cause-analysis runs found in ``folder`` (training_parity.py run
     files), one row per variant of :data:`CAUSES` with its accuracy per seed."""
@@ -267,7 +341,15 @@ def main(argv=None) -> int:
     parser.add_argument("--causes", type=Path, metavar="DIR",
                         help="write DIR/../causes.json from the cause-analysis runs in DIR "
                         "and stop")
+    parser.add_argument("--probes", type=Path, metavar="DIR",
+                        help="write DIR/../probes.json from the probe runs in DIR and the "
+                        "family's runs, and stop")
     args = parser.parse_args(argv)
+    if args.probes:
+        write_probes([args.probes, args.runs], args.probes.parent / "probes.json",
+                     "python benchmarks/training_family.py --setups " + " ".join(PROBE_SETUPS)
+                     + " --seeds S --variants VARIANT ... --runs " + str(args.probes))
+        return 0
     if args.causes:
         write_causes(args.causes, args.causes.parent / "causes.json",
                      "python benchmarks/training_parity.py --channels 32 --inner-channels 64 "

@@ -256,14 +256,18 @@ def implicit_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
     b (Jᵀ w + y)`` (the forward solver with ``beta=b``); ``adjoint_returns`` sets which
     iterate the adjoint solve returns ("best" by residual, the default, or "last");
     ``adjoint_divergence`` its ``divergence_factor`` (a sample whose adjoint residual passes
-    that multiple of its start is held there)."""
-    if adjoint_beta is not None or adjoint_returns is not None or adjoint_divergence is not None:
+    that multiple of its start is held there); ``adjoint.NAME=value`` sets any other option of
+    the adjoint's solver (``adjoint.lam=100,adjoint.m=6``)."""
+    adjoint_options = {k[8:]: deq_options.pop(k) for k in list(deq_options)
+                       if k.startswith("adjoint.")}
+    if (adjoint_beta is not None or adjoint_returns is not None or adjoint_divergence is not None
+            or adjoint_options):
         name = "forward" if adjoint_beta is not None else (adjoint_solver or "anderson")
         adjoint_solver = implicit.make_solver(
             name, **({"beta": adjoint_beta} if adjoint_beta is not None else {}),
             **({"returns": adjoint_returns} if adjoint_returns is not None else {}),
             **({"divergence_factor": adjoint_divergence} if adjoint_divergence is not None
-               else {}))
+               else {}), **adjoint_options)
     if forward not in ("tutorial", "implicit"):
         raise SystemExit(f"implicit:forward= must be tutorial or implicit, got {forward!r}")
     if forward == "tutorial":
@@ -292,32 +296,112 @@ class TorchDEQLayer(nn.Module):
     """torchdeq's layer (Geng & Kolter 2023, ``pip install torchdeq``, an optional benchmark
     dependency) in the recipe: its Anderson in both solves (m=5 forward, its default m=6 in the
     backward), relative stops at the recipe's tolerances and caps, its IFT backward on the
-    solution (``core="indexing"``, one state)."""
+    solution (``core="indexing"``, one state).
+
+    Half swaps, as for the tutorial's layer: ``forward="implicit"`` finds ``z*`` with the
+    library's solve (Anderson m=5, the recipe's tol and cap, per sample, best iterate) and
+    hands it to torchdeq's own IFT gradient (``torchdeq.grad.backward_factory``: the output
+    ``f(z*)`` and its adjoint by torchdeq's Anderson); ``backward="implicit"`` takes torchdeq's
+    forward solve (its Anderson, batch stop, lowest-residual image) and lets the library's
+    ``DEQ`` form the output and gradient from there (``max_iter=1`` from ``z0 = z*``, as
+    :class:`TutorialForwardDEQ`). With ``forward="implicit"``, ``adjoint.NAME=value`` sets an
+    option of torchdeq's backward Anderson (``m``, ``lam``, ``return_final``, ``stop_mode``,
+    ``tau``) and ``solver.NAME=value`` one of the library's forward solver."""
 
     def __init__(self, cell: nn.Module, *, tol: float, max_iter: int, adjoint_tol: float,
-                 adjoint_max_iter: int) -> None:
+                 adjoint_max_iter: int, forward: str = "torchdeq",
+                 backward: str = "torchdeq", **adjoint_options: Any) -> None:
         super().__init__()
         try:
             from torchdeq import get_deq
+            from torchdeq.grad import backward_factory
+            from torchdeq.solver import get_solver
         except ImportError:
             raise SystemExit("the torchdeq variant needs torchdeq: pip install torchdeq==0.1.0")
+        for name, value in (("forward", forward), ("backward", backward)):
+            if value not in ("torchdeq", "implicit"):
+                raise SystemExit(f"torchdeq:{name}= must be torchdeq or implicit, got {value!r}")
+        if forward == backward == "implicit":
+            raise SystemExit("torchdeq:forward=implicit,backward=implicit is the implicit variant")
+        if adjoint_options and forward != "implicit":
+            raise SystemExit("torchdeq's adjoint options (adjoint.NAME=value: m, lam, "
+                             "return_final, stop_mode, tau of its Anderson) need forward=implicit")
+        solver_options = {k.removeprefix("solver."): adjoint_options.pop(k)
+                          for k in list(adjoint_options) if k.startswith("solver.")}
+        if solver_options and forward != "implicit":
+            raise SystemExit("solver.NAME=value options are the library's forward solver's: "
+                             "they need forward=implicit")
+        adjoint_options = {k.removeprefix("adjoint."): v for k, v in adjoint_options.items()}
         self.cell = cell
+        self.forward_solver = forward
         self.deq = get_deq(core="indexing", ift=True, f_solver="anderson", b_solver="anderson",
                            f_max_iter=max_iter, b_max_iter=adjoint_max_iter,
                            eval_f_max_iter=max_iter, f_tol=tol, b_tol=adjoint_tol,
                            f_stop_mode="rel", b_stop_mode="rel")
+        self.solver = implicit.make_solver("anderson", m=5, tol=tol, max_iter=max_iter,
+                                           policy="ignore", **solver_options)
+        b_solver = get_solver("anderson")
+        if adjoint_options.pop("solver", None) == "library":
+            # the library's training_adjoint="averaged" (its window and ridge) inside
+            # torchdeq's gradient structure
+            b_solver = _library_averaged(int(adjoint_options.pop("window", 5)),
+                                         adjoint_options.pop("ridge", None))
+        self.ift = backward_factory("ift", b_solver=b_solver, b_solver_kwargs=dict(
+            max_iter=adjoint_max_iter, tol=adjoint_tol, **{"stop_mode": "rel", **adjoint_options}))
+        self.torchdeq_solve = (get_solver("anderson"), dict(
+            m=5, max_iter=max_iter, tol=tol, stop_mode="rel"))
+        self.library = (None if backward == "torchdeq" else implicit_layer(
+            cell, tol=tol, max_iter=1, adjoint_tol=adjoint_tol,
+            adjoint_max_iter=adjoint_max_iter))
         self.info: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z_out, self.info = self.deq(lambda z: self.cell(z, x), torch.zeros_like(x),
-                                    solver_kwargs={"m": 5})
+        fn = lambda z: self.cell(z, x)  # noqa: E731
+        if self.library is not None:  # torchdeq's forward, the library's output and gradient
+            solve, options = self.torchdeq_solve
+            with torch.no_grad():
+                z, _, self.info = solve(fn, torch.zeros_like(x), **options)
+            return self.library(x, z)
+        if self.forward_solver == "implicit":  # the library's forward, torchdeq's gradient
+            with torch.no_grad():
+                z = implicit.solve(fn, torch.zeros_like(x), solver=self.solver).z
+            if not self.training:
+                return z
+            return self.ift(self, fn, z)[-1]
+        z_out, self.info = self.deq(fn, torch.zeros_like(x), solver_kwargs={"m": 5})
         return z_out[-1]
 
 
+def _library_averaged(window: int, ridge: "float | None"):
+    """A torchdeq backward solver running the library's averaged adjoint iteration
+    (``ift(training_adjoint="averaged")``) on torchdeq's ``u ↦ Jᵀu + y``."""
+    from types import SimpleNamespace
+
+    from implicit_backwards.ift import _averaged
+
+    def solve(func, x0, max_iter=30, tol=1e-6, **_):
+        shape = x0.shape
+        y = func(torch.zeros_like(x0)).reshape(shape[0], -1)
+        scale = y.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        ridges = None
+        if ridge is not None:
+            squares = scale.squeeze(1) ** 2
+            ridges = (ridge * squares.mean() / squares)[:, None]
+        adjoint = lambda u: func((u * scale).reshape(shape)).reshape(shape[0], -1) / scale  # noqa: E731
+        w, _ = _averaged(adjoint, y / scale, window, ridges,
+                         SimpleNamespace(tol=tol, max_iter=max_iter - 1))
+        return (w * scale).reshape(shape), [], {}
+
+    return solve
+
+
 def torchdeq_layer(cell: nn.Module, *, tol: float = 1e-3, max_iter: int = 30,
-                   adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30) -> nn.Module:
+                   adjoint_tol: float = 1e-6, adjoint_max_iter: int = 30,
+                   forward: str = "torchdeq", backward: str = "torchdeq",
+                   **adjoint_options: Any) -> nn.Module:
     return TorchDEQLayer(cell, tol=tol, max_iter=max_iter, adjoint_tol=adjoint_tol,
-                         adjoint_max_iter=adjoint_max_iter)
+                         adjoint_max_iter=adjoint_max_iter, forward=forward, backward=backward,
+                         **adjoint_options)
 
 
 VARIANTS: dict[str, Callable[..., nn.Module]] = {
