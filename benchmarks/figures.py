@@ -88,10 +88,10 @@ def _family_module():
     return module
 
 
-def training_family() -> str:
+def training_family(folder: str = "cpu-training-family") -> str:
     """The family of setups (``benchmarks/training_family.py --out``): mean ± std (seeds) per
     setup and layer, the gaps of ours to the peers, and its time ratio to the tutorial."""
-    data = _load("cpu-training-family")
+    data = _load(folder)
     family = _family_module()
     axes = "; ".join(f"`{name}`: {spec['data']}, {spec['channels']} channels, "
                      f"{spec['norm']} norm, {spec['head']} head, lr {spec['lr']:g}"
@@ -357,6 +357,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "training-family": training_family,
     "training-causes": training_causes,
     "training-probes": training_probes,
+    "training-family-e30": lambda: training_family("cpu-training-family-e30"),
     "verify-cases": verify_cases,
     "bench-quick": bench_quick,
     "compiled": compiled,

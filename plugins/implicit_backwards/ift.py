@@ -134,8 +134,9 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #: gradient) — samples with large gradients against the batch's are mixed by Anderson's
     #: residual-minimising weights, those with small ones averaged, as an absolute ridge does,
     #: but invariant to scaling the loss. None: the plain average. The default is measured:
-    #: 30 trained the near variant to 95.6 % where 300 gave 77.9 % and the plain average
-    #: 87.9 % (``docs/results/training-family.md``)
+    #: 30 trained the near variant to 95.6 % in 10 epochs where 300 gave 77.9 % and the plain
+    #: average 87.9 % (``docs/results/training-family.md``; after 30 epochs it had lost the
+    #: equilibrium there too)
     ridge: Optional[float] = attrs.field(default=RIDGE, validator=optional_nonnegative_number)
     #: the adjoint solve compiled (:mod:`implicit.compiled`): None (default) only when
     #: ``solver`` is a compiled solver; True (inductor) or a torch.compile backend name: the
