@@ -403,3 +403,5 @@ def test_averaged_training_adjoint_ridge_regularises_by_the_batch_scale():
         plain[ridge] = cell.A.grad.clone()
     torch.testing.assert_close(plain[1e12], plain[None], rtol=1e-8, atol=1e-12)
     assert not torch.allclose(grads[0], plain[None], rtol=1e-3, atol=1e-8)
+    with pytest.raises(ValueError, match="ridge must be None .* or a positive number"):
+        implicit.make_backward("ift", training_adjoint="averaged", ridge=0.0)

@@ -80,6 +80,14 @@ def _solver_or_name(instance, attribute, value):
         get_registry().get("solver", value)
 
 
+def _optional_positive(instance, attribute, value):
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and 0 < value < float("inf")):
+        raise ValueError(f"{attribute.name} must be None (the plain average) or a positive "
+                         f"number (a ridge of 0 can leave the mixing system singular), got "
+                         f"{value!r}")
+
+
 def _compile_option(instance, attribute, value):
     if value is not None and not isinstance(value, (bool, str)):
         raise TypeError(f"compile must be None, True, False or a torch.compile backend name, "
@@ -137,7 +145,7 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #: 30 trained the near variant to 95.6 % in 10 epochs where 300 gave 77.9 % and the plain
     #: average 87.9 % (``docs/results/training-family.md``; after 30 epochs it had lost the
     #: equilibrium there too)
-    ridge: Optional[float] = attrs.field(default=RIDGE, validator=optional_nonnegative_number)
+    ridge: Optional[float] = attrs.field(default=RIDGE, validator=_optional_positive)
     #: the adjoint solve compiled (:mod:`implicit.compiled`): None (default) only when
     #: ``solver`` is a compiled solver; True (inductor) or a torch.compile backend name: the
     #: adjoint solver with that ``compile`` (forward iteration, Anderson); False: never. A
@@ -219,13 +227,13 @@ class ImplicitBackward(implicit.BackwardStrategy):
         z_star = result.z
         gain = self.gain(result.solution, z_star) if problem.training else 1.0
         adjoint_solver = self.adjoint_solver(solver)
-        window = None
+        averaged = None
         if (problem.training and self.training_adjoint != "damped"
                 and not bool((result.solution.rel_residual <= self.exact_below).all())):
             if self.training_adjoint == "relaxed":
                 adjoint_solver = self.relaxed_solver(adjoint_solver)
             else:
-                window = (self.window, self.ridge)
+                averaged = (self.window, self.ridge)
             gain = 1.0
         context = _Context(
             map_with=problem.fn_with,
@@ -234,7 +242,7 @@ class ImplicitBackward(implicit.BackwardStrategy):
             what="IFT adjoint solve",
             gain=gain,
             rows=problem.fn_rows is not None,
-            window=window,
+            averaged=averaged,
         )
         z = _FixedPoint.apply(z_star, context, *problem.inputs)
         return attrs.evolve(result, z=z)
@@ -254,7 +262,7 @@ class _Context:
     gain: Union[float, torch.Tensor] = 1.0
     rows: bool = False  # map_with takes a row subset (the cell is batch-independent)
     # training_adjoint="averaged": (window, ridge) of the averaged iteration (None: the solver)
-    window: Optional[tuple] = None
+    averaged: Optional[tuple[int, Optional[float]]] = None
 
 
 #: an adjoint restricted to a subset S of the samples rebuilds its graph on the active rows
@@ -317,8 +325,8 @@ def _solve_adjoint(ctx: _Context, vjp: Callable[[torch.Tensor], torch.Tensor], y
                                          vjp_rows(w_rows, rows))
                 return torch.add(y_hat.index_select(0, rows), vjp_rows(w_rows, rows),
                                  alpha=gain)
-        if ctx.window is not None:
-            window, ridge = ctx.window
+        if ctx.averaged is not None:
+            window, ridge = ctx.averaged
             if ridge is not None:  # per sample, in units of its own ‖y‖² (= 1 here)
                 squares = scale.squeeze(1) ** 2
                 ridge = (ridge * squares.mean() / squares)[:, None]
@@ -536,7 +544,8 @@ def training_adjoint(strategy: ImplicitBackward):
             target = y[i] / size
             images, points = [target], [torch.zeros_like(target)]
             for _ in range(pinned.max_iter):
-                F, U = torch.stack(images[-strategy.window:]), torch.stack(points[-strategy.window:])
+                last = -strategy.window
+                F, U = torch.stack(images[last:]), torch.stack(points[last:])
                 if strategy.ridge is None:
                     weights = torch.full((len(F),), 1.0 / len(F), dtype=y.dtype)
                 else:
