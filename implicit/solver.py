@@ -255,12 +255,23 @@ class Evaluator:
         self.active: Optional[torch.Tensor] = None
         self.residual: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
+        # set by the loop while samples are held: ``(mask, z)``, the (B,) held samples and the
+        # iterate whose rows they are held at; f is given those rows in their place, whatever
+        # the solver proposes for them (its state may hold their non-finite or huge values)
+        self.hold: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._last: Optional[weakref.ref] = None  # the latest value of f, while it is alive
         self._last_version: Optional[int] = None
 
     @property
     def remaining(self) -> int:
         return self.budget - self.calls
+
+    def uncounted(self, z: torch.Tensor) -> torch.Tensor:
+        """f off the budget, for directional derivatives (Newton–Krylov's products): the full
+        batch, held samples at their held iterate as in a counted call."""
+        if self.hold is not None and self.hold[1].shape == z.shape:
+            z = torch.where(self.hold[0].unsqueeze(1), self.hold[1], z)
+        return self.fn(z)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         checked = not torch.compiler.is_compiling()
@@ -272,6 +283,9 @@ class Evaluator:
                 "whose step needs several declares how many in Solver.min_step_calls")
         self.calls += 1
         version = _version_of(z) if checked else None
+        given = z
+        if self.hold is not None and self.hold[1].shape == z.shape:
+            z = torch.where(self.hold[0].unsqueeze(1), self.hold[1], z)
         if self.rows is not None:
             out = self._on_rows(z, self.rows)
         elif self.work is not None:
@@ -285,7 +299,7 @@ class Evaluator:
                 "f must map a state to a state of the same shape"
             )
         if checked:
-            self._check_no_writes(z, version, out)
+            self._check_no_writes(given, version, out)
         return out
 
     def _on_rows(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -503,6 +517,13 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
     diverged = torch.zeros_like(converged)
     active = ~(converged | nonfinite)
     held = nonfinite.clone()  # samples whose iterate no longer changes (see the loop's end)
+    if not bool(finite.all()):
+        # a sample whose f(z0) is not finite is held at z0 from the start: the solver steps
+        # from f(z0) := z0 there (a zero residual), never from the non-finite value, so f is
+        # not given it (its record keeps the non-finite residuals)
+        fz = torch.where(finite.unsqueeze(1), fz, z)
+        g = fz - z
+        counted.hold = (held, z.detach())
     nfe = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
     best = _Best(z=z, abs_res=abs_res, rel_res=rel_res, stop_abs=solver.stop == "abs")
     # divergence is judged against the initial residual: a solver that wanders off from a
@@ -595,6 +616,7 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
             g = torch.where(keep, g_new, g) if solver.uses_residual else None
             abs_res = torch.where(held, abs_res, abs_new)
             scale = torch.where(held, scale, scale_new)
+            counted.hold = (held, z.detach())
         converged |= newly_converged
         nonfinite |= newly_nonfinite
         if newly_diverged is not None:
@@ -613,6 +635,7 @@ def _iterate(solver: Solver, fn: FlatFn, z0: torch.Tensor, spec: StateSpec | Non
                 z, fz, abs_res, going = (t.index_select(0, keep) for t in (z, fz, abs_res, going))
                 g = g.index_select(0, keep) if g is not None else None
                 held = torch.zeros_like(going)
+                counted.hold = None
                 if limit is not None:
                     limit, size_limit = limit.index_select(0, keep), size_limit.index_select(0, keep)
                 state = solver.select(state, keep)

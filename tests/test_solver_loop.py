@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 
+import attrs
 import pytest
 import torch
 
@@ -76,6 +77,42 @@ def test_nonfinite_sample_is_held_and_f_never_sees_it_again(solver_name):
     assert Status.from_code(int(sol.sample_status[1])) is Status.NONFINITE
     # held at its last finite iterate: the solver's later proposals for it come from there
     assert all(torch.isfinite(z).all() for z in seen)  # so no NaN ever went back into f
+
+
+@pytest.mark.parametrize("bad, bad_from", [("nan", 1), ("nan", 3), ("huge", 3)])
+def test_held_sample_gets_its_held_iterate_whatever_the_solver_proposes(solver_name, bad,
+                                                                         bad_from):
+    """Solvers keep a held sample's bad values in their state (Anderson's history, Broyden's
+    updates, GMRES's Krylov basis); f must still get the held iterate for it — z0 when f(z0)
+    itself was bad."""
+    if bad == "huge" and solver_name == "newton_krylov":
+        pytest.skip("a map jumping by 1e15 has a zero Jacobian there: no Newton step to hold")
+    seen = []
+
+    def fn(z):
+        seen.append(z.clone())
+        out = 0.5 * z + 1
+        row = out[1]
+        if len(seen) >= bad_from:
+            row = torch.full_like(out[1], float("nan")) if bad == "nan" else z[1] + 1e15
+        # sample 0 has no fixed point (a constant residual): the solve runs to max_iter
+        return torch.stack([z[0] + 1, row, out[2]])
+
+    z0 = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+    solver = implicit.make_solver(solver_name, tol=1e-10, stop="abs", max_iter=60,
+                                  policy="ignore")
+    # a safeguard or line search would cut a huge step back before it becomes an iterate
+    fields = attrs.fields_dict(type(solver))
+    solver = attrs.evolve(solver, **{name: False for name in ("safeguard", "line_search")
+                                     if name in fields})
+    sol = implicit.solve(fn, z0, solver=solver)
+    status = Status.from_code(int(sol.sample_status[1]))
+    assert status is (Status.NONFINITE if bad == "nan" else Status.DIVERGED)
+    stop = int(sol.nfe[1])
+    held = seen[stop - 2][1] if stop > 1 else z0[1]
+    assert len(seen) > stop + 5
+    for z in seen[stop:]:
+        assert torch.allclose(z[1], held, rtol=0, atol=1e-6 * (1 + float(held.norm())))
 
 
 def test_converged_sample_that_blows_up_afterwards_is_held():

@@ -53,6 +53,9 @@ COMPILED_EXAMPLES = 3
 #: the contract suite's own problem for ``linear_only`` solvers (not a registered cell): an
 #: affine map ``f(z) = A_i z + b_i`` per sample, :func:`affine_examples`
 AFFINE = "affine"
+#: the suite's problem for the loop's own rules (:mod:`implicit.testing.loop`): per-sample
+#: maps that converge, run off, blow up, turn NaN or sit below the dtype's precision
+LOOP = "loop-problem"
 
 
 class AffineCell(Cell):
@@ -175,7 +178,9 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
       ``unrollable`` one, so that backwards requiring it can run), and every ``exact`` backward
       × every other solver it can run with × every ``cheap`` cell;
     * ``leak``: every backward × every cell, with the primary solver;
-    * ``adjoint``: every backward taking an ``adjoint_solver`` × every solver × every cell.
+    * ``adjoint``: every backward taking an ``adjoint_solver`` × every solver × every cell;
+    * ``loop``: every solver × the suite's loop problem (:data:`LOOP`,
+      :mod:`implicit.testing.loop`).
 
     ``only`` keeps cases involving a plugin whose name, plugin (entry point) or distribution is
     listed.
@@ -250,6 +255,8 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
         "gradient": gradient_cases,
         "leak": leak_cases,
         "adjoint": adjoint_cases,
+        "loop": [Case(registry=registry, solver=s.name, cell=LOOP) for s in all_solvers
+                 if not s.spec.requires and wanted(s)],
     }
 
 

@@ -46,7 +46,7 @@ class ContractsPlugin:
 #: the suite's case arguments, by :func:`matrix` kind
 CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
                   for kind in ("solver", "fault", "batch_rows", "efficacy", "gradient",
-                               "adjoint", "leak")}
+                               "adjoint", "leak", "loop")}
 
 
 #: why a contract has no case, by kind (see :func:`~implicit.testing.checks.matrix`)
@@ -60,6 +60,7 @@ EMPTY_REASONS = {
     "gradient": "it needs a backward, an unrollable solver and a cell",
     "adjoint": "no selected backward takes an adjoint solver (capability adjoint_solver)",
     "leak": "it needs a backward, an unrollable solver and a cell",
+    "loop": "it needs a solver (one that requires no cell capability)",
 }
 
 

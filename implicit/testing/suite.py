@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from implicit.registry import use_registry
-from implicit.testing import checks
+from implicit.testing import checks, loop
 from implicit.testing.claims import Tally, record
 
 #: examples per case: ``IMPLICIT_VERIFY_MAX_EXAMPLES`` (``implicit verify --max-examples``), else
@@ -204,3 +204,24 @@ def test_no_leak_over_50_steps(contract_leak_case):
         tally.claim("no_leak")
 
     _run(case, "leak", 1, body, required=["no_leak"])
+
+
+def test_loop_rules(contract_loop_case):
+    case = contract_loop_case
+
+    def body(data, tally):
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+        eps = torch.finfo(dtype).eps
+        stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
+        tols = [1e-3, 1e-5] if dtype == torch.float32 else [1e-5, 1e-9]
+        tol = data.draw(st.sampled_from(tols + ([eps / 4] if stop == "rel" else [])),
+                        label="tol")
+        example = data.draw(loop.loop_examples(dtype, stop, tol), label="example")
+        loop.check_loop(case.registry, case.solver, example, tol=tol, stop=stop,
+                        max_iter=data.draw(st.integers(1, 40), label="max_iter"),
+                        factor=data.draw(st.sampled_from([1e8, 10.0, 3.0]),
+                                         label="divergence_factor"),
+                        returns=data.draw(st.sampled_from(["best", "last"]), label="returns"),
+                        options=case.options(data.draw), tally=tally)
+
+    _run(case, "loop", MAX_EXAMPLES, body, required=["rules"])

@@ -112,6 +112,10 @@ def batched_gmres(
             # happy breakdown (h_next = 0) means the Krylov space holds the exact solution
             done = done | (residual <= target) | (h_next <= tiny * (1 + R[:, k, k].abs())) \
                 | ~torch.isfinite(residual)
+            # a sample that needs no more columns gets a zero one: the next product is then
+            # taken at its own iterate, never at a non-finite or huge basis vector (a map that
+            # mixes the samples would spread it)
+            V[:, k + 1].masked_fill_(done[:, None], 0.0)
             if bool(done.all()):
                 break
         cols = k + 1

@@ -71,6 +71,12 @@ ETA_MAX = 0.1
 STALL = 0.9
 
 
+def _uncounted(fn):
+    """f for directional derivatives, off the budget: the loop's evaluator keeps held samples
+    at their held iterate there too (a stand-in without it: its plain map)."""
+    return getattr(fn, "uncounted", None) or fn.fn
+
+
 @attrs.define
 class _TorchState:
     eta: torch.Tensor | None = None  # (B,) forcing term of the previous step
@@ -177,7 +183,7 @@ class NewtonKrylov(implicit.Solver):
         state.njvp += 1
         if state.jvp_mode in ("auto", "forward_ad"):
             try:
-                _, out = torch.func.jvp(fn.fn, (z,), (vec,))
+                _, out = torch.func.jvp(_uncounted(fn), (z,), (vec,))
                 if state.jvp_mode == "auto":
                     state.jvp_mode = "forward_ad"
                 return vec - out
@@ -189,7 +195,7 @@ class NewtonKrylov(implicit.Solver):
         v_norm = torch.linalg.vector_norm(vec, dim=1).clamp_min(torch.finfo(z.dtype).tiny)
         h = (math.sqrt(eps) * z_size / v_norm)[:, None]
         # v − (f(z + h v) − f(z)) / h
-        return torch.addcdiv(vec, fz - fn.fn(torch.addcmul(z, h, vec)), h)
+        return torch.addcdiv(vec, fz - _uncounted(fn)(torch.addcmul(z, h, vec)), h)
 
     # -- scipy: the whole solve in one loop step ----------------------------------------------
     def _scipy_solve(self, fn, z, fz, state: _TorchState):
