@@ -31,7 +31,7 @@ from .solution import ConvergenceError, ConvergenceWarning, Solution, Status
 from .solver import FlatResult, Solver, iterate
 from . import accelerator, problems
 from .specs import (BackwardSpec, CellExample, CellSpec, Guarantee, Instance, OptionSpec,
-                    SolverSpec, Workload, seeded)
+                    SolverSpec, StepFormula, Workload, seeded)
 
 try:
     __version__ = version("implicit-layers")
@@ -51,6 +51,7 @@ __all__ = [
     "ConvergenceWarning",
     "FlatResult",
     "Guarantee",
+    "StepFormula",
     "Instance",
     "OptionError",
     "OptionSpec",

@@ -255,6 +255,8 @@ GUARANTEE_PROBLEMS: Mapping[str, str] = {
     "linear": "f(z) = A z + b per sample, float64, ‖A‖₂ = L < 1 (so I − A is nonsingular, "
               "condition number ≤ (1 + L)/(1 − L)), state dimension n ≤ 6",
     "contraction": "a cell drawn by its family's strategy with a known Lipschitz bound L < 1",
+    "linear_float32": "f(z) = A z + b per sample computed in float32, ‖A‖₂ = L < 1, state "
+                      "dimension n ≤ 6 (the paths a solver takes only below float64)",
 }
 
 
@@ -314,11 +316,36 @@ def _check_guarantees(instance, attribute, value):
 
 
 @attrs.frozen(kw_only=True)
+class StepFormula:
+    """A solver's step as a documented formula: the contract suite's reference for its
+    options (an option the step ignores then shows).
+
+    ``step(solver, zs, fzs)``: the next iterate of one sample from its iterates so far ``zs``
+    and their values ``fzs`` (``(k + 1, n)`` float64 tensors, oldest first), written directly
+    from the formula the solver documents — not by calling the solver — or ``None`` where the
+    formula does not cover this history (the step is then not checked). ``options(drawn)``:
+    the drawn options changed where the formula needs it (e.g. no safeguard, whose cuts the
+    formula leaves out). ``statement``: the formula, as the report shows it.
+
+    Example (plain fixed-point iteration)::
+
+        StepFormula(statement="z_next = f(z)", step=lambda solver, zs, fzs: fzs[-1])
+    """
+
+    step: Callable[[Any, torch.Tensor, torch.Tensor], Optional[torch.Tensor]] = attrs.field(
+        validator=v.is_callable())
+    statement: str = attrs.field(validator=v.instance_of(str))
+    options: Callable[[Mapping[str, Any]], Mapping[str, Any]] = attrs.field(
+        default=lambda drawn: drawn, validator=v.is_callable())
+
+
+@attrs.frozen(kw_only=True)
 class SolverSpec(PluginSpec):
     """A fixed-point solver; the factory returns an :class:`implicit.Solver`.
 
     ``guarantees`` names the theorems the solver claims (:class:`~implicit.specs.Guarantee`); each one gets an
-    efficacy contract. A solver that claims none is told so by ``implicit verify --report``:
+    efficacy contract. ``step_formula`` (:class:`~implicit.specs.StepFormula`) states the step
+    itself, so that the contract suite can check that every drawn option takes effect. A solver that claims none is told so by ``implicit verify --report``:
     its contracts then certify honesty (truthful records, budgets), not that it ever converges.
     """
 
@@ -327,6 +354,10 @@ class SolverSpec(PluginSpec):
     guarantees: Mapping[str, Guarantee] = attrs.field(
         factory=dict, converter=dict, validator=_check_guarantees
     )
+    #: the step as a documented formula (:class:`StepFormula`): the ``step`` contract checks
+    #: every step of a solve against it, with the drawn options
+    step_formula: Optional[StepFormula] = attrs.field(
+        default=None, validator=v.optional(v.instance_of(StepFormula)))
 
 
 @attrs.frozen(kw_only=True)

@@ -107,7 +107,8 @@ class Case:
 
     def __str__(self) -> str:
         if self.guarantee:
-            return "-".join([self.solver, self.guarantee] + ([self.cell] if self.cell else []))
+            solver = self.solver + ("[compiled]" if self.compiled else "")
+            return "-".join([solver, self.guarantee] + ([self.cell] if self.cell else []))
         parts = [self.backward] if self.backward else []
         if self.adjoint:
             parts[-1] += f"[adjoint={self.adjoint}]"
@@ -173,14 +174,16 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
       and every ``linear_only`` solver × the suite's affine problem (:data:`AFFINE`);
     * ``batch_rows``: the same, for ``batch_independent`` cells (the affine problem is one);
     * ``efficacy``: every solver × each of its guarantees (× every ``lipschitz_bounded`` cell,
-      for guarantees on contractions);
+      for guarantees on contractions), and again on the compiled path of solvers that have one;
     * ``gradient``: every backward × every cell with the primary solver (the first
       ``unrollable`` one, so that backwards requiring it can run), and every ``exact`` backward
       × every other solver it can run with × every ``cheap`` cell;
     * ``leak``: every backward × every cell, with the primary solver;
     * ``adjoint``: every backward taking an ``adjoint_solver`` × every solver × every cell;
     * ``loop``: every solver × the suite's loop problem (:data:`LOOP`,
-      :mod:`implicit.testing.loop`).
+      :mod:`implicit.testing.loop`);
+    * ``compaction``: every solver × every ``batch_independent`` ``cheap`` cell;
+    * ``step``: every solver declaring a ``step_formula``.
 
     ``only`` keeps cases involving a plugin whose name, plugin (entry point) or distribution is
     listed.
@@ -212,7 +215,7 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
     efficacy_cases = []
     for s in all_solvers:
         for name, guarantee in guarantees_of(s.spec).items():
-            if guarantee.problem == "linear":
+            if guarantee.problem in ("linear", "linear_float32"):
                 if wanted(s):
                     efficacy_cases.append(Case(registry=registry, solver=s.name, cell="",
                                                guarantee=name))
@@ -251,12 +254,20 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
         "solver": solver_cases + compiled_cases,
         "fault": solver_cases,
         "batch_rows": [c for c in solver_cases if c.cell in independent or c.cell == AFFINE],
-        "efficacy": efficacy_cases,
+        # the compiled path's fixed-shape steps under the same theorems (few examples: each
+        # drawn set of options compiles anew)
+        "efficacy": efficacy_cases + [
+            attrs.evolve(c, compiled=True) for c in efficacy_cases
+            if getattr(registry.get("solver", c.solver).spec.factory, "static", False)],
         "gradient": gradient_cases,
         "leak": leak_cases,
         "adjoint": adjoint_cases,
         "loop": [Case(registry=registry, solver=s.name, cell=LOOP) for s in all_solvers
                  if not s.spec.requires and wanted(s)],
+        "compaction": [c for c in solver_cases if c.cell in independent
+                       and registry.get("cell", c.cell).spec.contract_cost == "cheap"],
+        "step": [Case(registry=registry, solver=s.name, cell="", guarantee="step_formula")
+                 for s in all_solvers if s.spec.step_formula is not None and wanted(s)],
     }
 
 
@@ -449,13 +460,16 @@ def check_efficacy(registry: Registry, solver: str, guarantee: str, fn, z0: torc
     return bound
 
 
-def linear_problem(n: int, lipschitz: float, batch: int, seed: int):
-    """``(fn, z0)``: ``f(z) = A z + b`` per sample in float64, each ``‖A_i‖₂ = lipschitz``."""
+def linear_problem(n: int, lipschitz: float, batch: int, seed: int,
+                   dtype: torch.dtype = torch.float64):
+    """``(fn, z0)``: ``f(z) = A z + b`` per sample computed in ``dtype``, each
+    ``‖A_i‖₂ = lipschitz`` (drawn in float64, then rounded)."""
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(batch, n, n, generator=gen, dtype=torch.float64)
     A = A * (lipschitz / torch.linalg.matrix_norm(A, ord=2))[:, None, None]
     b = torch.randn(batch, n, generator=gen, dtype=torch.float64)
     z0 = torch.randn(batch, n, generator=gen, dtype=torch.float64)
+    A, b, z0 = A.to(dtype), b.to(dtype), z0.to(dtype)
 
     def fn(z: torch.Tensor) -> torch.Tensor:
         return torch.bmm(A, z.unsqueeze(2)).squeeze(2) + b

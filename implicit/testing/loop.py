@@ -326,3 +326,159 @@ def _check_held(label: str, calls: list, i: int, kind: str, *, after: int, held_
                 f"{held_at[i].tolist()}, but call {after + j + 1} gave f {row.tolist()} for it "
                 f"({off:.3g} away): a held sample's row must stay at its held iterate")
     tally.claim("held")
+
+
+def _sizes_seen(cell) -> tuple[list, object]:
+    """Record the batch size of every state ``cell.update`` is called with (an instance
+    attribute wrapping the class's method); returns the list and a function that undoes it."""
+    sizes: list = []
+    original = type(cell).update
+
+    def update(z, u):
+        first = z[0] if isinstance(z, (tuple, list)) else z
+        sizes.append(int(first.shape[0]))
+        return original(cell, z, u)
+
+    cell.update = update
+    return sizes, lambda: cell.__dict__.pop("update", None)
+
+
+def check_compaction(registry: Registry, solver: str, example, *, training: bool,
+                     tol: float, options: Optional[dict] = None,
+                     tally: Optional[Tally] = None) -> None:
+    """A batch-independent cell solved with compaction (``DEQ(compact=True)``: stopped samples
+    leave the solve, f runs on the active rows) and without it gives the same record — status
+    and ``nfe`` per sample, ``z*`` to 1e-9 relative — and the same gradients of a fixed loss
+    with respect to x and every parameter (1e-7 relative), in the drawn mode (training: the
+    adjoint solve compacts too) — claim ``same_record``; ``compacted`` counts the examples
+    where the cell was called on fewer rows (the solver's steps can evaluate the whole batch
+    regardless: Newton–Krylov's scipy backend)."""
+    from ..deq import DEQ
+    from .checks import _loss, _parts
+
+    from ..deq import solve
+    from .checks import _problem
+
+    tally = tally if tally is not None else Tally()
+    cell, x = example.cell, example.x.detach()
+    # samples that stop at different times: each starts from the fixed point at a distance
+    # that shrinks 1000-fold from sample to sample, the last at it (it stops at once)
+    with torch.no_grad():
+        f, _, spec, start = _problem(example)
+        near = registry.make("solver", solver, **dict(options or {}), tol=1e-12, stop="abs",
+                             max_iter=500, policy="ignore")
+        fixed = solve(f, start, solver=near).z  # (the case's own solver: any registry)
+        flat = spec.flatten(fixed)
+        batch = flat.shape[0]
+        noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(5),
+                            dtype=flat.dtype)
+        distance = 10.0 ** -(3 * torch.arange(batch, dtype=flat.dtype))
+        distance[-1] = 0.0 if batch > 1 else 1.0  # the last one starts at its fixed point
+        z0 = spec.unflatten(flat + noise * distance[:, None])
+    runs = []
+    for compact in (False, True):
+        layer = DEQ(cell, solver=solver, tol=tol, stop="abs", max_iter=200, policy="ignore",
+                    solver_options=dict(options or {}), compact=compact)
+        layer.train(training)
+        sizes, undo = _sizes_seen(cell)
+        try:
+            xr = x.clone().requires_grad_()
+            out = layer(xr, z0)
+            params = [p for p in cell.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(_loss(out, torch.Generator().manual_seed(0)),
+                                        [xr, *params], allow_unused=True)
+        finally:
+            undo()
+        runs.append((layer.solution, grads, sizes))
+    (plain, plain_grads, _), (compacted, compacted_grads, sizes) = runs
+    compacted_rows = bool(sizes) and min(sizes) < max(sizes)
+    label = f"{solver}{options or ''} ({'training' if training else 'eval'}, tol {tol:g})"
+    # a sample whose residual sits at tol within the cell's rounding on a smaller batch may
+    # stop a step apart: no claim then
+    res = plain.abs_residual.double()
+    if bool(((res - tol).abs() <= 1e-6 * tol).any()):
+        tally.no_claim("same_record", "a residual within round-off of tol")
+        return
+    if not (torch.equal(plain.sample_status, compacted.sample_status)
+            and torch.equal(plain.nfe, compacted.nfe)):
+        raise ContractViolation(
+            f"{label}: with compaction the record differs: status "
+            f"{compacted.sample_status.tolist()} nfe {compacted.nfe.tolist()}, without "
+            f"{plain.sample_status.tolist()} nfe {plain.nfe.tolist()}")
+    for a, b in zip(_parts(plain.z), _parts(compacted.z)):
+        off = float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
+        if off > 1e-9:
+            raise ContractViolation(f"{label}: with compaction z* differs by {off:.3g} "
+                                    f"(relative)")
+    for g, h in zip(plain_grads, compacted_grads):
+        if (g is None) != (h is None):
+            raise ContractViolation(f"{label}: a gradient reaches a tensor only with or only "
+                                    f"without compaction")
+        if g is None:
+            continue
+        off = float((g - h).abs().max() / g.abs().max().clamp_min(1e-300))
+        if off > 1e-7:
+            raise ContractViolation(f"{label}: with compaction a gradient differs by {off:.3g} "
+                                    f"(relative, worst entry)")
+    tally.claim("same_record")
+    if compacted_rows:
+        tally.claim("compacted")
+    else:
+        tally.no_claim("compacted", "every call had the whole batch (the solver's step "
+                                    "evaluates it whole, or a batch of one)")
+
+
+def check_step_formula(registry: Registry, solver: str, *, n: int, batch: int,
+                       lipschitz: float, seed: int, steps: int, options: Optional[dict] = None,
+                       tally: Optional[Tally] = None) -> None:
+    """Every step of a solve of ``f(z) = A_i z + b_i`` (float64, ``‖A_i‖₂ = lipschitz``) from
+    the drawn options equals the solver's declared :class:`~implicit.StepFormula` applied to
+    that sample's iterates so far, to 1e-9 relative — so an option the step ignores (a damping,
+    a ridge, a memory size) fails. Steps that made more than one call of f, and histories the
+    formula does not cover, make no claim."""
+    from .checks import linear_problem
+
+    tally = tally if tally is not None else Tally()
+    formula = registry.get("solver", solver).spec.step_formula
+    options = dict(formula.options(dict(options or {})))
+    fn, z0 = linear_problem(n, lipschitz, batch=batch, seed=seed)
+    base = registry.make("solver", solver, **options, tol=0.0, stop="abs", max_iter=steps + 1,
+                         policy="ignore")
+    calls: list = []
+
+    def recorded(z):
+        out = fn(z)
+        calls.append(out)
+        return out
+
+    algorithm, stepped = spying(base, calls)
+    with torch.no_grad():
+        iterate(algorithm, recorded, z0)
+    zs = [z0] + [z for z, *_ in stepped]
+    fzs = [calls[0]] + [fz for _, fz, *_ in stepped]
+    made = [1] + [s[2] for s in stepped]
+    label = f"{solver}{options}"
+    checked = 0
+    for k in range(1, len(zs)):
+        if made[k] - made[k - 1] != 1:
+            continue  # a cut or a line search: not the formula's step
+        for i in range(batch):
+            history_z = torch.stack([z[i] for z in zs[:k]]).double()
+            history_f = torch.stack([fz[i] for fz in fzs[:k]]).double()
+            if not bool(torch.isfinite(history_f).all()):
+                break
+            want = formula.step(algorithm, history_z, history_f)
+            if want is None:
+                continue
+            got = zs[k][i].double()
+            off = float(torch.linalg.vector_norm(got - want)
+                        / torch.linalg.vector_norm(want).clamp_min(1e-300))
+            if off > 1e-9:
+                raise ContractViolation(
+                    f"{label}: step {k} of sample {i} is off its documented formula "
+                    f"({formula.statement}) by {off:.3g} (relative)")
+            checked += 1
+    if checked:
+        tally.claim("step_formula")
+    else:
+        tally.no_claim("step_formula", "no step the formula covers")

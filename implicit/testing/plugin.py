@@ -46,7 +46,7 @@ class ContractsPlugin:
 #: the suite's case arguments, by :func:`matrix` kind
 CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
                   for kind in ("solver", "fault", "batch_rows", "efficacy", "gradient",
-                               "adjoint", "leak", "loop")}
+                               "adjoint", "leak", "loop", "compaction", "step")}
 
 
 #: why a contract has no case, by kind (see :func:`~implicit.testing.checks.matrix`)
@@ -61,6 +61,8 @@ EMPTY_REASONS = {
     "adjoint": "no selected backward takes an adjoint solver (capability adjoint_solver)",
     "leak": "it needs a backward, an unrollable solver and a cell",
     "loop": "it needs a solver (one that requires no cell capability)",
+    "compaction": "it needs a solver and a batch_independent cell of contract_cost cheap",
+    "step": "no selected solver declares a step_formula (SolverSpec.step_formula)",
 }
 
 

@@ -137,13 +137,16 @@ def test_efficacy(contract_efficacy_case):
 
     def body(data, tally):
         options = case.options(data.draw)
-        if guarantee.problem == "linear":
+        if guarantee.problem in ("linear", "linear_float32"):
+            single = guarantee.problem == "linear_float32"
             n = data.draw(st.integers(1, 6), label="n")
-            lipschitz = data.draw(st.floats(0.1, 0.99), label="L")
+            lipschitz = data.draw(st.floats(0.1, 0.9 if single else 0.99), label="L")
             fn, z0 = checks.linear_problem(n, lipschitz,
                                            batch=data.draw(st.integers(1, 3), label="batch"),
-                                           seed=data.draw(st.integers(0, 2**16), label="seed"))
-            factor = data.draw(st.sampled_from([1e-8, 1e-6, 1e-4]), label="tol / r0")
+                                           seed=data.draw(st.integers(0, 2**16), label="seed"),
+                                           dtype=torch.float32 if single else torch.float64)
+            factor = data.draw(st.sampled_from([1e-2, 1e-3, 1e-4] if single
+                                               else [1e-8, 1e-6, 1e-4]), label="tol / r0")
         else:
             dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
             fn, z0, lipschitz = checks.contraction_problem(case.example(data.draw, dtype))
@@ -156,7 +159,8 @@ def test_efficacy(contract_efficacy_case):
                               lipschitz=lipschitz, tol_factor=factor, options=options,
                               tally=tally)
 
-    _run(case, "efficacy", MAX_EXAMPLES, body, required=["efficacy"])
+    examples = min(MAX_EXAMPLES, checks.COMPILED_EXAMPLES) if case.compiled else MAX_EXAMPLES
+    _run(case, "efficacy", examples, body, required=["efficacy"])
 
 
 def test_gradient_contract(contract_gradient_case):
@@ -225,3 +229,30 @@ def test_loop_rules(contract_loop_case):
                         options=case.options(data.draw), tally=tally)
 
     _run(case, "loop", MAX_EXAMPLES, body, required=["rules"])
+
+
+def test_compaction(contract_compaction_case):
+    case = contract_compaction_case
+
+    def body(data, tally):
+        loop.check_compaction(case.registry, case.solver, case.example(data.draw, torch.float64),
+                              training=data.draw(st.booleans(), label="training"),
+                              tol=data.draw(st.sampled_from([1e-6, 1e-9]), label="tol"),
+                              options=case.options(data.draw), tally=tally)
+
+    _run(case, "compaction", _few(4), body, required=["same_record"])
+
+
+def test_step_formula(contract_step_case):
+    case = contract_step_case
+
+    def body(data, tally):
+        loop.check_step_formula(case.registry, case.solver,
+                                n=data.draw(st.integers(1, 6), label="n"),
+                                batch=data.draw(st.integers(1, 3), label="batch"),
+                                lipschitz=data.draw(st.floats(0.1, 0.99), label="L"),
+                                seed=data.draw(st.integers(0, 2**16), label="seed"),
+                                steps=data.draw(st.integers(1, 12), label="steps"),
+                                options=case.options(data.draw), tally=tally)
+
+    _run(case, "step", MAX_EXAMPLES, body, required=["step_formula"])

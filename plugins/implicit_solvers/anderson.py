@@ -359,12 +359,38 @@ def _options():
     })
 
 
+def anderson_step(solver: "Anderson", zs: torch.Tensor, fzs: torch.Tensor
+                  ) -> Optional[torch.Tensor]:
+    """The documented mix (module docstring), from scratch in float64: the last ``m`` iterates
+    ``x_i`` and residuals ``g_i``, ``α = (GGᵀ + λ'I)⁻¹1 / Σ``, ``λ' = lam · tr(GGᵀ)/k``,
+    ``x_next = Σ α_i (x_i + β g_i)``; ``None`` where that small system is singular or
+    ill-conditioned (condition number above 1e6: round-off, not the options, would decide the
+    comparison, and the solver may take its documented fallback instead)."""
+    xs, gs = zs[-solver.m:].double(), (fzs - zs)[-solver.m:].double()
+    k = xs.shape[0]
+    gram = gs @ gs.T
+    system = gram + float(solver.lam) * torch.trace(gram) / k * torch.eye(k, dtype=gram.dtype)
+    if not bool(torch.isfinite(system).all()) or not float(torch.linalg.cond(system)) <= 1e6:
+        return None  # (a NaN condition number: singular)
+    w = torch.linalg.solve(system, torch.ones(k, dtype=gram.dtype))
+    alpha = w / w.sum()
+    return alpha @ (xs + float(solver.beta) * gs)
+
+
+def _formula_options(drawn: Mapping[str, Any]) -> dict:
+    return {**drawn, "safeguard": False}  # its cuts are not part of the mixing formula
+
+
 @implicit.hookimpl
 def implicit_register_solvers(register):
     register(
         implicit.SolverSpec(
             name="anderson", factory=Anderson, equivalents={"torchdeq": "anderson"},
             option_strategy=_options,
+            step_formula=implicit.StepFormula(
+                step=anderson_step, options=_formula_options,
+                statement="x_next = sum_i alpha_i (x_i + beta g_i) over the last m iterates, "
+                          "alpha = (G G^T + lam tr(G G^T)/k I)^-1 1, normalised to sum 1"),
             guarantees={
                 "linear_termination": implicit.Guarantee(
                     problem="linear", calls=linear_termination_calls,

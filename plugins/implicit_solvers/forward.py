@@ -57,6 +57,12 @@ def contraction_calls(solver: ForwardIteration, inst: implicit.Instance) -> Opti
     return needed + 1
 
 
+def forward_step(solver: ForwardIteration, zs: torch.Tensor, fzs: torch.Tensor) -> torch.Tensor:
+    """The documented step ``z ← (1 − β) z + β f(z)`` (the contract suite's reference)."""
+    beta = float(solver.beta)
+    return (1 - beta) * zs[-1] + beta * fzs[-1]
+
+
 def _options():
     from hypothesis import strategies as st
 
@@ -72,6 +78,8 @@ def implicit_register_solvers(register):
             capabilities={"unrollable", "contraction_convergent"},
             equivalents={"torchdeq": "fixed_point_iter"},
             option_strategy=_options,
+            step_formula=implicit.StepFormula(
+                step=forward_step, statement="z_next = (1 - beta) z + beta f(z)"),
             guarantees={
                 "contraction": implicit.Guarantee(
                     problem="contraction", calls=contraction_calls,

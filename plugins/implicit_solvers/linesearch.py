@@ -15,12 +15,17 @@ def backtrack(fn, z: torch.Tensor, direction: torch.Tensor, z_next: torch.Tensor
               fz_next: torch.Tensor, g_norm: torch.Tensor, halvings: int):
     """Halve the step ``z + t · direction`` of each sample whose residual did not decrease
     (Armijo-style: ``‖g(z_next)‖ > (1 − 1e-4 t) ‖g(z)‖``), at most ``halvings`` times and never
-    past ``fn.remaining``. ``(z_next, fz_next)`` is the full step and its value; returns the
+    past ``fn.remaining``; samples the loop no longer counts (``fn.active``) are never halved. ``(z_next, fz_next)`` is the full step and its value; returns the
     accepted ``(z_next, fz_next)`` and the number of extra calls of ``fn`` made."""
     step = torch.ones_like(g_norm)
     calls = 0
+    # samples the loop no longer counts (converged ones still iterated with the batch) never
+    # make the batch pay for a halving
+    active = getattr(fn, "active", None)
     for _ in range(halvings):
         worse = torch.linalg.vector_norm(fz_next - z_next, dim=1) > (1 - 1e-4 * step) * g_norm
+        if active is not None:
+            worse &= active
         if fn.remaining <= 0 or not bool(worse.any()):
             break
         step = torch.where(worse, step / 2, step)

@@ -365,6 +365,39 @@ def _termination_options(inst: implicit.Instance, drawn: Mapping[str, Any]) -> d
             "inner_maxiter": max(int(drawn.get("inner_maxiter", 30)), inst.n)}
 
 
+def finite_difference_calls(solver: NewtonKrylov, inst: implicit.Instance) -> Optional[int]:
+    """Inexact Newton on an affine map in float32, products by finite differences (what
+    ``jvp="auto"`` takes below float64). On ``g(z) = (A − I) z + b`` a Newton step whose inner
+    GMRES meets its forcing term ``η`` leaves ``‖g(z1)‖ ≤ η ‖g(z0)‖`` with exact products
+    (Dembo, Eisenstat & Steihaug 1982); a difference of an affine map over the step
+    ``h = √eps (1 + ‖z‖) / ‖v‖`` is off ``(A − I) v`` by its rounding only, a relative
+    ``ε ≤ 100 √eps (1 + L) / (1 − L)`` of it (the factor 100 covers ``‖f(z)‖ / (1 + ‖z‖)`` on
+    the drawn problems), which adds ``ε`` to the contraction: ``q = η_max + ε`` per step,
+    ``η_max`` the largest forcing term (``eta``, or Eisenstat–Walker's cap ``ETA_MAX``). The
+    full step then decreases the residual, so each step makes one call: at most
+    ``⌈log(tol / r0) / log q⌉ + 1`` calls. Claimed for ``q ≤ 1/2``, the torch backend with
+    ``inner_m, inner_maxiter ≥ n``."""
+    if inst.dtype == torch.float64 or solver.resolved_backend(
+            torch.empty(0, dtype=inst.dtype)) != "torch" or solver.jvp == "forward_ad" \
+            or min(solver.inner_m, solver.inner_maxiter) < inst.n:
+        return None
+    eta_max = float(solver.eta) if solver.forcing == "constant" else max(float(solver.eta),
+                                                                         ETA_MAX)
+    eps = torch.finfo(inst.dtype).eps
+    q = eta_max + 100 * math.sqrt(eps) * (1 + inst.lipschitz) / (1 - inst.lipschitz)
+    if q > 0.5:
+        return None
+    if inst.r0 <= inst.tol:
+        return 1
+    return math.ceil(math.log(inst.tol / inst.r0) / math.log(q)) + 1
+
+
+def _finite_difference_options(inst: implicit.Instance, drawn: Mapping[str, Any]) -> dict:
+    return {**drawn, "backend": "torch", "jvp": "auto",
+            "inner_m": max(int(drawn.get("inner_m", 30)), inst.n),
+            "inner_maxiter": max(int(drawn.get("inner_maxiter", 30)), inst.n)}
+
+
 def _options():
     from hypothesis import strategies as st
 
@@ -392,6 +425,13 @@ def implicit_register_solvers(register):
                     statement="one Newton step is exact on an affine map: torch backend, "
                               "GMRES inner solve with inner_m, inner_maxiter >= n and constant "
                               "forcing eta <= tol / (2 r0): 2 calls"),
+                "finite_difference_newton": implicit.Guarantee(
+                    problem="linear_float32", calls=finite_difference_calls,
+                    options=_finite_difference_options,
+                    statement="inexact Newton (Dembo, Eisenstat & Steihaug 1982) in float32 with "
+                              "finite-difference products: each step contracts the residual by "
+                              "q = eta_max + 100 sqrt(eps) (1 + L)/(1 - L); "
+                              "ceil(log(tol/r0)/log q) + 1 calls, claimed for q <= 1/2"),
             },
         )
     )
