@@ -31,6 +31,7 @@ from ..solver import iterate
 from ..specs import CellExample, Guarantee, Instance
 from ..state import StateSpec
 from .claims import ContractViolation, Tally
+from .loop import has_safeguard
 
 
 def _require(condition: bool, message: str) -> None:
@@ -183,7 +184,8 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
     * ``loop``: every solver × the suite's loop problem (:data:`LOOP`,
       :mod:`implicit.testing.loop`);
     * ``compaction``: every solver × every ``batch_independent`` ``cheap`` cell;
-    * ``step``: every solver declaring a ``step_formula``.
+    * ``step``: every solver declaring a ``step_formula``;
+    * ``safeguard``: every solver with the safeguard's options × the loop problem.
 
     ``only`` keeps cases involving a plugin whose name, plugin (entry point) or distribution is
     listed.
@@ -268,6 +270,8 @@ def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str
                        and registry.get("cell", c.cell).spec.contract_cost == "cheap"],
         "step": [Case(registry=registry, solver=s.name, cell="", guarantee="step_formula")
                  for s in all_solvers if s.spec.step_formula is not None and wanted(s)],
+        "safeguard": [Case(registry=registry, solver=s.name, cell=LOOP) for s in all_solvers
+                      if has_safeguard(s.spec.factory) and not s.spec.requires and wanted(s)],
     }
 
 

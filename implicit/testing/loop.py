@@ -24,7 +24,7 @@ from ..solver import iterate
 from .claims import ContractViolation, Tally
 
 #: the kinds of sample a loop problem mixes in one batch (see :func:`loop_examples`)
-KINDS = ("contract", "translate", "blowup", "jump", "nan", "flat")
+KINDS = ("contract", "translate", "blowup", "jump", "nan", "flat", "steep")
 #: how much a ``blowup`` sample's value jumps past its start, in units of the batch's scale
 BLOWUP = 1e12
 
@@ -43,7 +43,9 @@ class LoopExample:
       ``‖f(z)‖`` stays below 3 × its start (only the residual rule can see it);
     * ``nan``: a contraction until call ``at[i]``, then NaN;
     * ``flat``: the constant ``c_i`` of norm ``flat_norm`` (its residual is exactly 0 after one
-      step: below the dtype's precision at that size for ``stop="abs"``).
+      step: below the dtype's precision at that size for ``stop="abs"``);
+    * ``steep``: ``z + b_i + 1e4 ‖z − z0_i‖² / ‖b_i‖ · u`` (no fixed point): any step of the
+      residual's size grows the residual ~1e4-fold, every step again.
     """
 
     kinds: tuple
@@ -59,6 +61,7 @@ class LoopExample:
         kinds = self.kinds
         translate = torch.tensor([k == "translate" for k in kinds])[:, None]
         flat = torch.tensor([k == "flat" for k in kinds])[:, None]
+        steep = torch.tensor([k == "steep" for k in kinds])[:, None]
         scale = float(self.z0.double().abs().max()) + 1.0
         direction = torch.ones_like(self.b) / math.sqrt(self.b.shape[1])
         with torch.no_grad():  # 300 r0 per jump sample
@@ -69,6 +72,10 @@ class LoopExample:
             out = torch.baddbmm(self.b.unsqueeze(2), self.A, z.unsqueeze(2)).squeeze(2)
             out = torch.where(translate, z + self.b, out)
             out = torch.where(flat, self.b, out)
+            if bool(steep.any()):
+                away = ((z - self.z0) ** 2).sum(dim=1, keepdim=True)
+                size = torch.linalg.vector_norm(self.b, dim=1, keepdim=True).clamp_min(1e-12)
+                out = torch.where(steep, z + self.b + 1e4 * away / size * direction, out)
             count = len(calls) + 1
             bad = [i for i, k in enumerate(kinds)
                    if k in ("blowup", "jump", "nan") and count >= self.at[i]]
@@ -84,10 +91,12 @@ class LoopExample:
         return fn, calls
 
 
-def loop_examples(dtype: torch.dtype, stop: str, tol: float):
+def loop_examples(dtype: torch.dtype, stop: str, tol: float, blowup: bool = False):
     """:class:`LoopExample` strategy: batch 2–6 of drawn kinds (at least one ``contract``),
     n 1–5; a ``flat`` sample's constant has norm ``4 · tol / eps`` for ``stop="abs"`` (its
-    residual 0 is then below the attainable precision), else 1–10."""
+    residual 0 is then below the attainable precision), else 1–10. ``blowup``: sample 1 is
+    ``steep`` and sample 2 (of 3 or more) a ``blowup`` from call 2–5 (steps to cut, again and
+    again, for the safeguard's contract)."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -96,12 +105,20 @@ def loop_examples(dtype: torch.dtype, stop: str, tol: float):
         n = draw_(st.integers(1, 5), label="n")
         kinds = draw_(st.lists(st.sampled_from(KINDS), min_size=batch - 1,
                                max_size=batch - 1), label="kinds")
-        kinds = tuple(["contract"] + kinds)
+        kinds = ["contract"] + kinds
+        if blowup:
+            kinds[1] = "steep"
+            if batch > 2:
+                kinds[2] = "blowup"
+        kinds = tuple(kinds)
         norms = draw_(st.lists(st.floats(0.1, 0.95), min_size=batch, max_size=batch),
                       label="‖A_i‖")
         # call 1 often: a sample whose f(z0) is bad is held from the start
-        at = tuple(draw_(st.lists(st.sampled_from([1, 1, 2, 3, 5, 8]), min_size=batch,
-                                  max_size=batch), label="bad from call"))
+        at = draw_(st.lists(st.sampled_from([1, 1, 2, 3, 5, 8]), min_size=batch,
+                            max_size=batch), label="bad from call")
+        if blowup and batch > 2:
+            at[2] = draw_(st.integers(2, 5), label="blowup from call")
+        at = tuple(at)
         gen = torch.Generator().manual_seed(draw_(st.integers(0, 2**16), label="seed"))
         A = torch.randn(batch, n, n, generator=gen, dtype=torch.float64)
         A = A * (torch.tensor(norms, dtype=torch.float64)
@@ -482,3 +499,108 @@ def check_step_formula(registry: Registry, solver: str, *, n: int, batch: int,
         tally.claim("step_formula")
     else:
         tally.no_claim("step_formula", "no step the formula covers")
+
+
+#: the options of a solver with the shared safeguard (a cut-back of steps that grow the
+#: residual): ``safeguard``, ``growth``, ``max_cuts``, and its ``cut_budget`` per sample
+SAFEGUARD_OPTIONS = ("safeguard", "growth", "max_cuts")
+
+
+def has_safeguard(factory) -> bool:
+    """Whether a solver class has the safeguard's options and per-sample cut budget."""
+    try:
+        names = set(attrs.fields_dict(factory))
+    except (TypeError, attrs.exceptions.NotAnAttrsClassError):
+        return False
+    return set(SAFEGUARD_OPTIONS) <= names and hasattr(factory, "cut_budget")
+
+
+def check_safeguard(registry: Registry, solver: str, example: LoopExample, *, tol: float,
+                    stop: str, max_iter: int, max_cuts: int, options: Optional[dict] = None,
+                    tally: Optional[Tally] = None) -> None:
+    """The safeguard (``safeguard=True``; a line search, if the solver has one, off) on the
+    loop problem. A step's first call is its proposal, later calls are cuts; a sample is cut in
+    a call when its row there moved from the step's previous call. Claims (``safeguard``): only samples the
+    loop counts are cut, and only when the proposal grew their residual past ``growth ·
+    max(‖g(z)‖, floor)`` (``floor``: tol, or ``tol · ‖f(z)‖`` for ``stop="rel"``) or is not
+    finite; every such sample with cuts left is cut; no step makes more than ``max_cuts`` cuts;
+    no sample takes more than the solver's ``cut_budget`` over the solve."""
+    tally = tally if tally is not None else Tally()
+    options = dict(options or {})
+    options.update(safeguard=True, max_cuts=max_cuts)
+    base = registry.make("solver", solver, **options, tol=tol, stop=stop, max_iter=max_iter,
+                         policy="ignore")
+    if "line_search" in attrs.fields_dict(type(base)):
+        base = attrs.evolve(base, line_search=False)
+    fn, calls = example.map()
+    algorithm, steps = spying(base, calls)
+    with torch.no_grad():
+        iterate(algorithm, fn, example.z0)
+    label = f"{solver}{options} (tol {tol:g} {stop}, max_iter {max_iter}; kinds " \
+            f"{list(example.kinds)})"
+    points = [calls[0]] + [(z, fz) for z, fz, *_ in steps]
+    made = [1] + [s[2] for s in steps]
+    batch = example.z0.shape[0]
+    outcomes = [reference(points, i, tol=tol, stop=stop, factor=base.divergence_factor,
+                          returns="best", dtype=example.z0.dtype,
+                          calls_per_step=[b - a for a, b in zip(made, made[1:])])
+                for i in range(batch)]
+    if any(o.borderline for o in outcomes):
+        tally.no_claim("safeguard", "a residual within round-off of a threshold")
+        return
+    used = [0] * batch
+    cut_steps = 0
+    growth = float(base.growth)
+    for k in range(1, len(points)):
+        window = calls[made[k - 1]:made[k]]  # this step's calls: proposal, then cuts
+        proposal_z, proposal_f = window[0]
+        cuts = window[1:]
+        z, fz = points[k - 1]
+        if len(cuts) > max_cuts:
+            raise ContractViolation(f"{label}: step {k} made {len(cuts)} cuts, more than "
+                                    f"max_cuts={max_cuts}")
+        for i in range(batch):
+            active = outcomes[i].stop is None or outcomes[i].stop >= k
+            step_size = float(torch.linalg.vector_norm((proposal_z[i] - z[i]).double()))
+            # cut in a call: its row moved from where the step's previous call had it — in the
+            # first cut by at least half the step (a cut shrinks it 2-fold or more; an uncut
+            # row is z + 1·(proposal − z), the proposal up to rounding), in later ones at all
+            # (a row not cut again keeps its last trial, bit for bit)
+            moved = []
+            for j, c in enumerate(cuts):
+                if j == 0:
+                    moved.append(float(torch.linalg.vector_norm(
+                        (c[0][i] - proposal_z[i]).double())) > 0.25 * step_size)
+                else:
+                    moved.append(not torch.equal(c[0][i], cuts[j - 1][0][i]))
+            count = sum(moved)
+            a, s = _norms(z[i], fz[i])
+            floor = tol if stop == "abs" else tol * float(s)
+            bound = growth * max(float(a), floor)
+            grown, _ = _norms(proposal_z[i], proposal_f[i])
+            bad = not math.isfinite(float(grown)) or float(grown) > bound
+            if count and not active:
+                raise ContractViolation(f"{label}: step {k} cut sample {i}, which had stopped "
+                                        f"(samples the loop no longer counts are never cut)")
+            if count and not bad:
+                raise ContractViolation(
+                    f"{label}: step {k} cut sample {i}, whose proposal's residual "
+                    f"{float(grown):.3g} is within growth · max(‖g(z)‖, floor) = {bound:.3g}")
+            left = algorithm.cut_budget - used[i]
+            budget_left = made[k - 1] + 1 < max_iter  # a call left after the proposal
+            if active and bad and left > 0 and budget_left and not count and max_cuts > 0:
+                # borderline growth (round-off of the loop's norms) makes no claim
+                if abs(float(grown) - bound) > 1e-6 * bound:
+                    raise ContractViolation(
+                        f"{label}: step {k} did not cut sample {i}, whose proposal grew its "
+                        f"residual to {float(grown):.3g} past {bound:.3g}, with {left} cuts "
+                        f"of its budget left")
+            used[i] += count
+            if used[i] > algorithm.cut_budget:
+                raise ContractViolation(f"{label}: sample {i} took {used[i]} cuts, more than "
+                                        f"its cut_budget {algorithm.cut_budget}")
+        cut_steps += bool(cuts)
+    if cut_steps:
+        tally.claim("safeguard")
+    else:
+        tally.no_claim("safeguard", "no step was cut")

@@ -46,7 +46,7 @@ class ContractsPlugin:
 #: the suite's case arguments, by :func:`matrix` kind
 CASE_ARGUMENTS = {kind: f"contract_{kind}_case"
                   for kind in ("solver", "fault", "batch_rows", "efficacy", "gradient",
-                               "adjoint", "leak", "loop", "compaction", "step")}
+                               "adjoint", "leak", "loop", "compaction", "step", "safeguard")}
 
 
 #: why a contract has no case, by kind (see :func:`~implicit.testing.checks.matrix`)
@@ -63,6 +63,7 @@ EMPTY_REASONS = {
     "loop": "it needs a solver (one that requires no cell capability)",
     "compaction": "it needs a solver and a batch_independent cell of contract_cost cheap",
     "step": "no selected solver declares a step_formula (SolverSpec.step_formula)",
+    "safeguard": "no selected solver has the safeguard's options (safeguard, growth, max_cuts)",
 }
 
 

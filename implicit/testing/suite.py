@@ -256,3 +256,20 @@ def test_step_formula(contract_step_case):
                                 options=case.options(data.draw), tally=tally)
 
     _run(case, "step", MAX_EXAMPLES, body, required=["step_formula"])
+
+
+def test_safeguard(contract_safeguard_case):
+    case = contract_safeguard_case
+
+    def body(data, tally):
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label="dtype")
+        stop = data.draw(st.sampled_from(["abs", "rel"]), label="stop")
+        tol = data.draw(st.sampled_from([1e-3, 1e-5] if dtype == torch.float32
+                                        else [1e-5, 1e-9]), label="tol")
+        example = data.draw(loop.loop_examples(dtype, stop, tol, blowup=True), label="example")
+        loop.check_safeguard(case.registry, case.solver, example, tol=tol, stop=stop,
+                             max_iter=data.draw(st.integers(6, 60), label="max_iter"),
+                             max_cuts=data.draw(st.sampled_from([1, 2, 8]), label="max_cuts"),
+                             options=case.options(data.draw), tally=tally)
+
+    _run(case, "safeguard", MAX_EXAMPLES, body, required=["safeguard"])

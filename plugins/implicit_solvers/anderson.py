@@ -42,8 +42,8 @@ from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
-from .linesearch import (GROWTH, MAX_CUTS, GuardState, guard_enabled, guard_strategies,
-                         guarded)
+from .linesearch import (CUT_BUDGET, GROWTH, MAX_CUTS, GuardState, guard_enabled,
+                         guard_strategies, guarded)
 from .rows import CHAIN_MIN_NUMEL, combine, dots
 
 
@@ -155,6 +155,11 @@ class Anderson(implicit.Solver):
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool)))
     growth: float = attrs.field(default=GROWTH, validator=number_in(1, float("inf")))
     max_cuts: int = attrs.field(default=MAX_CUTS, validator=positive_int)
+
+    @property
+    def cut_budget(self) -> int:
+        """The safeguard's cuts one sample may take over a whole solve."""
+        return CUT_BUDGET * self.max_cuts
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> AndersonState:
         b, n = z.shape

@@ -39,8 +39,8 @@ from implicit.accelerator import host_checks
 from implicit.validators import number_in, positive_int
 from implicit.workspace import workspace
 
-from .linesearch import (GROWTH, MAX_CUTS, GuardState, backtrack, guard_enabled,
-                         guard_strategies, guarded)
+from .linesearch import (CUT_BUDGET, GROWTH, MAX_CUTS, GuardState, backtrack,
+                         guard_enabled, guard_strategies, guarded)
 from .rows import combine, dots
 
 
@@ -162,6 +162,11 @@ class Broyden(implicit.Solver):
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool)))
     growth: float = attrs.field(default=GROWTH, validator=number_in(1, float("inf")))
     max_cuts: int = attrs.field(default=MAX_CUTS, validator=positive_int)
+
+    @property
+    def cut_budget(self) -> int:
+        """The safeguard's cuts one sample may take over a whole solve."""
+        return CUT_BUDGET * self.max_cuts
 
     def init(self, z: torch.Tensor, fz: torch.Tensor) -> BroydenState:
         b, n = z.shape
