@@ -354,8 +354,8 @@ class SolverSpec(PluginSpec):
     guarantees: Mapping[str, Guarantee] = attrs.field(
         factory=dict, converter=dict, validator=_check_guarantees
     )
-    #: the step as a documented formula (:class:`StepFormula`): the ``step`` contract checks
-    #: every step of a solve against it, with the drawn options
+    #: the step as a documented formula (:class:`~implicit.specs.StepFormula`): the ``step``
+    #: contract checks every step of a solve against it, with the drawn options
     step_formula: Optional[StepFormula] = attrs.field(
         default=None, validator=v.optional(v.instance_of(StepFormula)))
 
