@@ -280,6 +280,34 @@ def _termination_options(inst: implicit.Instance, drawn: Mapping[str, Any]) -> d
             "line_search": False, "safeguard": False}
 
 
+def broyden_step(solver: "Broyden", zs: torch.Tensor, fzs: torch.Tensor
+                 ) -> Optional[torch.Tensor]:
+    """The documented step, dense and from scratch (the contract suite's reference):
+    ``z − B g`` with ``B`` rebuilt from ``B₀ = −I`` by the good-Broyden update over the steps
+    since the last restart — a restart every ``memory + 1`` steps, when the ``memory`` terms
+    are used up, whose own step is the plain ``z + g``. ``None`` where an update's denominator
+    is near 0 (the solver skips it then: another formula)."""
+    gs = (fzs - zs).double()
+    zs = zs.double()
+    k = zs.shape[0] - 1  # the step about to be taken is number k + 1, from z_k
+    first = k - k % (solver.memory + 1)  # the step of the current cycle that used B₀
+    B = -torch.eye(zs.shape[1], dtype=torch.float64)
+    for j in range(first + 1, k + 1):  # updates with the pairs taken since
+        dz, dg = zs[j] - zs[j - 1], gs[j] - gs[j - 1]
+        row = dz @ B
+        denom = row @ dg
+        if not bool(abs(denom) > 1e-6 * torch.linalg.vector_norm(row)
+                    * torch.linalg.vector_norm(dg)):
+            return None
+        B = B + torch.outer(dz - B @ dg, row) / denom
+    return zs[k] - B @ gs[k]
+
+
+def _formula_options(drawn: Mapping[str, Any]) -> dict:
+    # cuts and halvings are not part of the update formula
+    return {**drawn, "safeguard": False, "line_search": False}
+
+
 def _options():
     from hypothesis import strategies as st
 
@@ -297,6 +325,10 @@ def implicit_register_solvers(register):
         implicit.SolverSpec(
             name="broyden", factory=Broyden, equivalents={"torchdeq": "broyden"},
             option_strategy=_options,
+            step_formula=implicit.StepFormula(
+                step=broyden_step, options=_formula_options,
+                statement="z_next = z - B g, B from -I by B += (dz - B dg) dz^T B / (dz^T B dg), "
+                          "restarted from -I every memory + 1 steps"),
             guarantees={
                 "linear_termination": implicit.Guarantee(
                     problem="linear", calls=linear_termination_calls,
