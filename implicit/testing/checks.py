@@ -789,7 +789,28 @@ def check_adjoint(registry: Registry, backward: str, solver: str, example: CellE
                      f"bound {bound:.3g} (‖J‖₂ = {norm:.3g})")
     tally.claim("adjoint")
     _check_training_adjoint(spec, strategy, fn, flat0, algorithm, y, label, tally)
+    if spec.training_adjoint is None:
+        _check_same_in_training(strategy, fn, flat0, algorithm, y, implied, label, tally)
     return max(errors)
+
+
+def _check_same_in_training(strategy, fn, flat0: torch.Tensor, algorithm, y: torch.Tensor,
+                            implied: torch.Tensor, label: str, tally: Tally) -> None:
+    """A backward that declares no training adjoint forms the same gradient in training: its
+    training-mode implied adjoint equals the eval-mode one just checked against the dense
+    reference (1e-9 relative)."""
+    e = torch.zeros_like(flat0, requires_grad=True)
+    problem = Problem(fn=lambda z: fn(z) + e, z0=flat0, inputs=(e,),
+                      fn_with=lambda z, inputs: fn(z) + inputs[0], training=True)
+    result = strategy(problem, algorithm)
+    trained = (torch.autograd.grad(result.z, e, y)[0] if result.z.requires_grad
+               else torch.zeros_like(y))
+    off = float((torch.linalg.vector_norm(trained - implied, dim=1)
+                 / torch.linalg.vector_norm(implied, dim=1).clamp_min(1e-300)).max())
+    _require(off <= 1e-9, f"{label}: in training the implied adjoint differs from the one in "
+                          f"eval by {off:.3g} (relative, worst sample), and the backward "
+                          f"declares no training adjoint (BackwardSpec.training_adjoint)")
+    tally.claim("same_in_training")
 
 
 def _check_training_adjoint(spec, strategy, fn, flat0: torch.Tensor, algorithm, y: torch.Tensor,
@@ -823,7 +844,9 @@ def _check_training_adjoint(spec, strategy, fn, flat0: torch.Tensor, algorithm, 
             bool(r.converged.all()) for r in records):
         tally.no_claim("training_adjoint", "the damped adjoint solve did not converge")
         return
-    z_star = result.solution.z.detach()
+    # the Jacobian at the strategy's output: z* (the solver's), or a step past it for a
+    # strategy that returns f(z*) in training (ift's "calibrated")
+    z_star = result.z.detach()
     jacs = []
     for i in range(flat0.shape[0]):
         def row_fn(z, i=i):
