@@ -68,6 +68,11 @@ LABELS = {
     # ift(training_adjoint="averaged") with its default ridge
     "implicit:backward.training_adjoint=averaged,backward.ridge=30":
         "implicit, averaged training adjoint",
+    # the library's forward solve inside torchdeq's layer: its output f(z*) and its adjoint
+    "torchdeq:forward=implicit": "torchdeq's output and adjoint on the library's forward",
+    # ift(training_adjoint="calibrated", window=6): torchdeq's gradient, made scale-free
+    "implicit:backward.training_adjoint=calibrated,backward.window=6":
+        "implicit, calibrated training adjoint",
 }
 
 
@@ -169,7 +174,12 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> None:
 
     setups = list(results)
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(setups) + 1.6), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour per layer across every figure: the labelled layers in their order, then the
+    # others in the order given
+    known = ["tutorial", "torchdeq", *LABELS]
+    order = known + [v for v in variants if v not in known]
+    colors = [cycle[order.index(v) % len(cycle)] for v in variants]
     step = 0.8 / max(1, len(variants))
     for j, variant in enumerate(variants):
         for i, setup in enumerate(setups):

@@ -405,3 +405,84 @@ def test_averaged_training_adjoint_ridge_regularises_by_the_batch_scale():
     assert not torch.allclose(grads[0], plain[None], rtol=1e-3, atol=1e-8)
     with pytest.raises(ValueError, match="ridge must be None .* or a positive number"):
         implicit.make_backward("ift", training_adjoint="averaged", ridge=0.0)
+
+
+def _calibrated_reference(jac, y, unit, ridge, window, calls, lowest=True):
+    """The calibrated adjoint of one sample (numpy): the averaged iteration in units of its
+    ‖y‖, ridge κ·unit/‖y‖², returning the image of lowest ‖F − u‖/‖F‖ from the second call
+    (``lowest=False``: the last image)."""
+    import numpy as np
+
+    size = np.linalg.norm(y)
+    target = y / size
+    c = ridge * unit / size ** 2
+    points, images = [np.zeros_like(target)], [target]
+    kept, kept_rel = None, np.inf
+    for call in range(1, calls + 1):
+        F, U = np.array(images[-window:]), np.array(points[-window:])
+        G = F - U
+        weights = np.linalg.solve(G @ G.T + c * np.eye(len(F)), np.ones(len(F)))
+        u = (weights / weights.sum()) @ F
+        points.append(u)
+        images.append(jac.T @ u + target)
+        rel = np.linalg.norm(images[-1] - u) / np.linalg.norm(images[-1])
+        if call <= 2 or rel < kept_rel or not lowest:
+            kept, kept_rel = images[-1], rel
+    return kept * size
+
+
+def test_calibrated_training_adjoint_is_torchdeqs_gradient_made_scale_free():
+    """training_adjoint="calibrated": in training the layer returns f(z*) with the graph of
+    that step; the gradient is (∂f/∂θ at z*)ᵀ w with w the averaged iteration (Jacobian at
+    f(z*)) returning its lowest-residual image, the ridge in units of the first training
+    batch's mean ‖y‖² — kept for later batches; scaling every loss by c changes nothing but
+    the gradients' scale; in eval it is the exact adjoint at z*."""
+    import numpy as np
+
+    # eigenvalue 1.2: the iteration grows, so the lowest-residual image is not the last one
+    A = torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
+                     dtype=torch.float64)
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(3, 3, dtype=torch.float64, generator=gen) for _ in range(2)]
+    ups = [torch.randn(3, 3, dtype=torch.float64, generator=gen),
+           0.01 * torch.randn(3, 3, dtype=torch.float64, generator=gen)]
+    runs = []
+    for loss_scale in (1.0, 64.0):
+        cell = _Affine(A)
+        backward = implicit.make_backward("ift", tol=1e-14, max_iter=8, window=3, ridge=2.0,
+                                          training_adjoint="calibrated")
+        layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-13,
+                             stop="abs", max_iter=4, policy="ignore")
+        grads, chosen = [], []
+        for x, up in zip(xs, ups):
+            cell.A.grad = None
+            out = layer(x)
+            z = layer.solution.z.detach()
+            assert not layer.solution.converged.any()
+            torch.testing.assert_close(out, z @ A.T + x, rtol=1e-12, atol=1e-14)  # f(z*)
+            (out * up * loss_scale).sum().backward()
+            grads.append(cell.A.grad.clone() / loss_scale)
+            chosen.append(z)
+        runs.append((grads, chosen, backward))
+    (grads, zs, backward), (scaled, _, _) = runs
+    for a, b in zip(grads, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
+    unit = float((ups[0] ** 2).sum(dim=1).mean())  # the first batch's mean ‖y‖²
+    assert backward._calibration == {"mean_square": pytest.approx(unit)}
+    jac = A.numpy()
+    lowest_differs = False
+    for grad, z, up in zip(grads, zs, ups):
+        expected = torch.zeros_like(A)
+        for i in range(3):
+            w = _calibrated_reference(jac, up[i].numpy(), unit, 2.0, 3, 8)
+            expected += torch.outer(torch.from_numpy(w), z[i])
+            last = _calibrated_reference(jac, up[i].numpy(), unit, 2.0, 3, 8, lowest=False)
+            lowest_differs |= not np.allclose(w, last)
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-14)
+    assert lowest_differs
+    # in eval: the exact adjoint at z*, output z*
+    layer.eval()
+    cell = layer.cell
+    cell.A.grad = None
+    out = layer(xs[0])
+    torch.testing.assert_close(out, layer.solution.z, rtol=0, atol=0)
