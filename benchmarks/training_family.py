@@ -182,13 +182,15 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> None:
     colors = [cycle[order.index(v) % len(cycle)] for v in variants]
     step = 0.8 / max(1, len(variants))
     for j, variant in enumerate(variants):
+        labelled = False  # the legend names a layer at its first setup with runs
         for i, setup in enumerate(setups):
             r = results[setup].get(variant)
             if not r:
                 continue
             y = i - 0.4 + step * (j + 0.5)
             ax.scatter(r["accuracy"], [y] * len(r["accuracy"]), s=14, color=colors[j],
-                       alpha=0.7, label=label(variant) if i == 0 else None, zorder=3)
+                       alpha=0.7, label=None if labelled else label(variant), zorder=3)
+            labelled = True
             ax.plot([r["accuracy_mean"]] * 2, [y - step / 2.2, y + step / 2.2],
                     color=colors[j], lw=2.5, zorder=4)
     ax.set_yticks(range(len(setups)), setups, fontsize=8)

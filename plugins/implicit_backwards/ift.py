@@ -139,8 +139,9 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #: the gradients shrink over training, as an absolute ridge does), returning the image of
     #: lowest relative residual from the second call on (first order only). Measured on the
     #: eight setups of ``docs/results/training-family.md`` (window 6, 3 seeds each) it trains
-    #: within 0.3 points of the tutorial's code or ahead of it on all, where ``"damped"`` trails
-    #: by up to 4.5 after 10 epochs and collapses on one setup after 30; it is not the default
+    #: within 0.3 points of the tutorial's code or ahead of it on all after 10 epochs, where
+    #: ``"damped"`` trails by up to 4.5; after 30 epochs it keeps the equilibrium where
+    #: ``"damped"`` collapses, and ends 0.2 below it on the parity model. It is not the default
     #: until the default's other committed results are re-run with it
     training_adjoint: str = attrs.field(default="damped", validator=one_of(*TRAINING_ADJOINTS))
     #: the relaxation ``β`` of ``training_adjoint="relaxed"``
