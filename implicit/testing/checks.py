@@ -31,7 +31,6 @@ from ..solver import iterate
 from ..specs import CellExample, Guarantee, Instance
 from ..state import StateSpec
 from .claims import ContractViolation, Tally
-from .loop import has_safeguard
 
 
 def _require(condition: bool, message: str) -> None:
@@ -166,6 +165,21 @@ def _banach_calls(solver, inst: Instance) -> Optional[int]:
     needed = math.ceil(math.log(inst.tol / inst.r0) / math.log(inst.lipschitz)) \
         if inst.r0 > inst.tol else 0
     return needed + 1
+
+
+#: the options of a solver with the shared safeguard (a cut-back of steps that grow the
+#: residual): ``safeguard``, ``growth``, ``max_cuts``, and its ``cut_budget`` per sample
+SAFEGUARD_OPTIONS = ("safeguard", "growth", "max_cuts")
+
+
+def has_safeguard(factory) -> bool:
+    """Whether a solver class has the safeguard's options and per-sample cut budget."""
+    try:
+        names = set(attrs.fields_dict(factory))
+    except (TypeError, attrs.exceptions.NotAnAttrsClassError):
+        return False
+    return set(SAFEGUARD_OPTIONS) <= names and hasattr(factory, "cut_budget")
+
 
 
 def matrix(registry: Registry, only: Optional[Iterable[str]] = None) -> dict[str, list[Case]]:

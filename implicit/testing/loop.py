@@ -18,9 +18,11 @@ from typing import Optional
 import attrs
 import torch
 
+from ..deq import DEQ, solve
 from ..registry import Registry
 from ..solution import Status
 from ..solver import iterate
+from .checks import _loss, _parts, _problem, linear_problem
 from .claims import ContractViolation, Tally
 
 #: the kinds of sample a loop problem mixes in one batch (see :func:`loop_examples`)
@@ -370,12 +372,6 @@ def check_compaction(registry: Registry, solver: str, example, *, training: bool
     adjoint solve compacts too) — claim ``same_record``; ``compacted`` counts the examples
     where the cell was called on fewer rows (the solver's steps can evaluate the whole batch
     regardless: Newton–Krylov's scipy backend)."""
-    from ..deq import DEQ
-    from .checks import _loss, _parts
-
-    from ..deq import solve
-    from .checks import _problem
-
     tally = tally if tally is not None else Tally()
     cell, x = example.cell, example.x.detach()
     # samples that stop at different times: each starts from the fixed point at a distance
@@ -453,8 +449,6 @@ def check_step_formula(registry: Registry, solver: str, *, n: int, batch: int,
     that sample's iterates so far, to 1e-9 relative — so an option the step ignores (a damping,
     a ridge, a memory size) fails. Steps that made more than one call of f, and histories the
     formula does not cover, make no claim."""
-    from .checks import linear_problem
-
     tally = tally if tally is not None else Tally()
     formula = registry.get("solver", solver).spec.step_formula
     options = dict(formula.options(dict(options or {})))
@@ -499,20 +493,6 @@ def check_step_formula(registry: Registry, solver: str, *, n: int, batch: int,
         tally.claim("step_formula")
     else:
         tally.no_claim("step_formula", "no step the formula covers")
-
-
-#: the options of a solver with the shared safeguard (a cut-back of steps that grow the
-#: residual): ``safeguard``, ``growth``, ``max_cuts``, and its ``cut_budget`` per sample
-SAFEGUARD_OPTIONS = ("safeguard", "growth", "max_cuts")
-
-
-def has_safeguard(factory) -> bool:
-    """Whether a solver class has the safeguard's options and per-sample cut budget."""
-    try:
-        names = set(attrs.fields_dict(factory))
-    except (TypeError, attrs.exceptions.NotAnAttrsClassError):
-        return False
-    return set(SAFEGUARD_OPTIONS) <= names and hasattr(factory, "cut_budget")
 
 
 def check_safeguard(registry: Registry, solver: str, example: LoopExample, *, tol: float,
