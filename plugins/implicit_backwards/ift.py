@@ -427,44 +427,60 @@ def _averaged(adjoint_map: Callable[[torch.Tensor], torch.Tensor], y: torch.Tens
     ``ρ(J) < 1`` the plain average converges to the exact adjoint; capped, it is a polynomial
     in ``Jᵀ`` whose growth along an eigenvalue ``λ > 1`` is slower than ``λ`` per call (for
     ``window = 5``, ``λ = 1.5``: about 1.15 per call)."""
-    images, points = [y], [torch.zeros_like(y)]
-    w = y
     batch = y.shape[0]
+    # the window as ring buffers: images F, residuals G = F − u, and the Gram matrix GGᵀ, of
+    # which each call computes one new row (the weights do not depend on the slots' order)
+    images = y.new_zeros(batch, window, y.shape[1])
+    residuals = torch.zeros_like(images) if ridge is not None else None
+    gram = y.new_zeros(batch, window, window) if ridge is not None else None
+    images[:, 0] = y
+    if ridge is not None:
+        residuals[:, 0] = y  # u = 0
+        gram[:, 0, 0] = (y * y).sum(dim=1)
+    filled = 1
+    w = y
     active = torch.ones(batch, dtype=torch.bool, device=y.device)
     nfe = torch.zeros(batch, dtype=torch.int64, device=y.device)
     abs_res = torch.full((batch,), float("inf"), dtype=y.dtype, device=y.device)
     rel_res = abs_res.clone()
     calls = 0
     tol = float(solver.tol)
+    tiny = torch.finfo(y.dtype).tiny
     while calls < solver.max_iter and bool(active.any()):
-        if len(images) == 1:
-            u = images[0]
+        k = min(filled, window)
+        if k == 1:  # the latest image: y, or every image when window = 1
+            u = images[:, (filled - 1) % window]
         elif ridge is None:
-            u = torch.stack(images).mean(dim=0)
+            u = images[:, :k].mean(dim=1)
         else:
-            stacked = torch.stack(images, dim=1)  # (B, k, n)
-            residuals = stacked - torch.stack(points, dim=1)
-            system = residuals @ residuals.transpose(1, 2)
+            system = gram[:, :k, :k].clone()
             system.diagonal(dim1=-2, dim2=-1).add_(ridge)  # (B, 1): per sample
-            weights = torch.linalg.solve(system, system.new_ones(system.shape[:2]))
+            # symmetric positive definite (ridge > 0): a Cholesky solve, half LU's cost here
+            factor, _ = torch.linalg.cholesky_ex(system)
+            weights = torch.cholesky_solve(system.new_ones(batch, k, 1), factor)
             weights = weights / weights.sum(dim=1, keepdim=True)
-            u = (weights.unsqueeze(1) @ stacked).squeeze(1)
+            u = torch.bmm(weights.transpose(1, 2), images[:, :k]).squeeze(1)
         image = adjoint_map(u)
-        points.append(u)
         calls += 1
         nfe += active
-        diff = torch.linalg.vector_norm(image - u, dim=1)
-        size = torch.linalg.vector_norm(image, dim=1)
-        rel = diff / size.clamp_min(torch.finfo(y.dtype).tiny)
+        residual = image - u
+        diff = torch.linalg.vector_norm(residual, dim=1)
+        rel = diff / torch.linalg.vector_norm(image, dim=1).clamp_min(tiny)
         keep = active if not lowest else active & ((rel < rel_res) | (calls <= 2))
         abs_res = torch.where(keep, diff, abs_res)
         rel_res = torch.where(keep, rel, rel_res)
         w = torch.where(keep[:, None], image, w)
         active = active & ~(diff <= tol)
-        images.append(image)
-        if len(images) > window:
-            images.pop(0)
-            points.pop(0)
+        slot = filled % window
+        filled += 1
+        images[:, slot] = image
+        if ridge is not None:
+            residuals[:, slot] = residual
+            k = min(filled, window)
+            # (B, 1, n) @ (B, n, k): the fast layout for a batched row (3× (B, k, n) @ (B, n, 1))
+            row = torch.bmm(residual.unsqueeze(1), residuals[:, :k].transpose(1, 2)).squeeze(1)
+            gram[:, slot, :k] = row
+            gram[:, :k, slot] = row
     finite = torch.isfinite(abs_res)
     converged = finite & (abs_res <= tol)
     codes = torch.where(converged, implicit.Status.CONVERGED.code,
