@@ -62,6 +62,8 @@ DEFAULT_VARIANTS = ["tutorial", "torchdeq", "implicit"]
 #: how the table and the plot name a variant (the spelling of training_parity.py otherwise)
 LABELS = {
     "implicit": "implicit (defaults)",
+    # ift(training_adjoint="damped"), δ = 0.1: the default before "calibrated"
+    "implicit:backward.training_adjoint=damped": "implicit, damped training adjoint",
     # ift(training_adjoint="relaxed"), spelled with the benchmark's options
     "implicit:adjoint_beta=0.333,backward.damping=0,adjoint_returns=last":
         "implicit, relaxed training adjoint",
@@ -70,9 +72,6 @@ LABELS = {
         "implicit, averaged training adjoint",
     # the library's forward solve inside torchdeq's layer: its output f(z*) and its adjoint
     "torchdeq:forward=implicit": "torchdeq's output and adjoint on the library's forward",
-    # ift(training_adjoint="calibrated", window=6): torchdeq's gradient, made scale-free
-    "implicit:backward.training_adjoint=calibrated,backward.window=6":
-        "implicit, calibrated training adjoint",
 }
 
 
@@ -209,17 +208,18 @@ def plot(results: dict, variants: list[str], path: Path, title: str) -> None:
 CAUSES = {
     "tutorial": "the tutorial's code: its Anderson (absolute ridge 1e-4) in both solves, the "
                 "batch's residual as the stop, the last iterate, f(z*) read out",
-    "implicit": "the library's defaults: Anderson per sample, best iterate, z* read out; "
-                "adjoint damped (δ = 0.1) by Anderson",
+    "implicit:backward.training_adjoint=damped":
+        "the library's damped training adjoint (δ = 0.1, by Anderson; the default before "
+        "\"calibrated\"): Anderson per sample, best iterate, z* read out",
     "tutorial:forward=implicit": "half swap: the tutorial's layer with the library's forward "
                                  "solve (its backward kept)",
-    "implicit:forward=tutorial": "half swap: the library's layer from the tutorial's z* (its "
-                                 "backward kept)",
+    "implicit:backward.training_adjoint=damped,forward=tutorial":
+        "half swap: the library's layer from the tutorial's z* (its backward kept)",
     "implicit:backward.damping=0": "exact adjoint (δ = 0)",
     "implicit:backward.damping=0.3": "adjoint damped more (δ = 0.3)",
     "implicit:backward.damping=0.5": "adjoint damped more (δ = 0.5)",
-    "implicit:adjoint_solver=forward": "damped adjoint by plain fixed-point iteration (a "
-                                       "Neumann series) instead of Anderson",
+    "implicit:backward.training_adjoint=damped,adjoint_solver=forward":
+        "damped adjoint by plain fixed-point iteration (a Neumann series) instead of Anderson",
     "implicit:adjoint_solver=forward,backward.damping=0": "undamped Neumann series, 30 terms",
     "implicit:backward=phantom": "phantom gradient (k = 5, λ = 0.8) instead of ift",
     "implicit:adjoint_beta=0.333,backward.damping=0": "undamped adjoint by relaxed iteration "
@@ -242,15 +242,20 @@ PROBES = {
     "tutorial": "the tutorial's code",
     "torchdeq": "torchdeq 0.1.0: its Anderson in both solves (absolute ridge 1e-4), the "
                 "lowest-residual image",
-    "implicit": "the library's defaults: best iterate forward; adjoint damped (δ = 0.1), "
-                "solved by Anderson",
-    "torchdeq:backward=implicit": "half swap: torchdeq's forward solve, the library's output and "
-                                  "gradient",
+    "implicit": "the library's defaults: best iterate forward; the calibrated training adjoint",
+    "implicit:backward.training_adjoint=damped":
+        "the library's damped training adjoint (δ = 0.1, by Anderson; the default before "
+        "\"calibrated\"), best iterate forward",
+    "torchdeq:backward=implicit,backward.training_adjoint=damped":
+        "half swap: torchdeq's forward solve, the library's output and (damped) gradient",
     "torchdeq:forward=implicit": "half swap: the library's forward solve, torchdeq's output and "
                                  "gradient",
-    "implicit:solver.returns=last": "the forward's last iterate instead of its best",
-    "implicit:solver.safeguard=false": "the forward without the safeguard",
-    "implicit:tol=1e-6": "the forward to 1e-6 (to the cap, in practice)",
+    "implicit:backward.training_adjoint=damped,solver.returns=last":
+        "damped, and the forward's last iterate instead of its best",
+    "implicit:backward.training_adjoint=damped,solver.safeguard=false":
+        "damped, and the forward without the safeguard",
+    "implicit:backward.training_adjoint=damped,tol=1e-6":
+        "damped, and the forward to 1e-6 (to the cap, in practice)",
     "torchdeq:forward=implicit,solver.returns=last": "the library's forward (last iterate), "
                                                      "torchdeq's gradient",
     "torchdeq:forward=implicit,solver.returns=last,adjoint.return_final=true":

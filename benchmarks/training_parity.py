@@ -306,7 +306,8 @@ class TorchDEQLayer(nn.Module):
     ``DEQ`` form the output and gradient from there (``max_iter=1`` from ``z0 = z*``, as
     :class:`TutorialForwardDEQ`). With ``forward="implicit"``, ``adjoint.NAME=value`` sets an
     option of torchdeq's backward Anderson (``m``, ``lam``, ``return_final``, ``stop_mode``,
-    ``tau``) and ``solver.NAME=value`` one of the library's forward solver."""
+    ``tau``) and ``solver.NAME=value`` one of the library's forward solver; with
+    ``backward="implicit"``, ``backward.NAME=value`` sets an option of the library's backward."""
 
     def __init__(self, cell: nn.Module, *, tol: float, max_iter: int, adjoint_tol: float,
                  adjoint_max_iter: int, forward: str = "torchdeq",
@@ -328,6 +329,11 @@ class TorchDEQLayer(nn.Module):
                              "return_final, stop_mode, tau of its Anderson) need forward=implicit")
         solver_options = {k.removeprefix("solver."): adjoint_options.pop(k)
                           for k in list(adjoint_options) if k.startswith("solver.")}
+        library_options = {k: adjoint_options.pop(k) for k in list(adjoint_options)
+                           if k.startswith("backward.")}
+        if library_options and backward != "implicit":
+            raise SystemExit("backward.NAME=value options are the library's backward's: they "
+                             "need backward=implicit")
         if solver_options and forward != "implicit":
             raise SystemExit("solver.NAME=value options are the library's forward solver's: "
                              "they need forward=implicit")
@@ -352,7 +358,7 @@ class TorchDEQLayer(nn.Module):
             m=5, max_iter=max_iter, tol=tol, stop_mode="rel"))
         self.library = (None if backward == "torchdeq" else implicit_layer(
             cell, tol=tol, max_iter=1, adjoint_tol=adjoint_tol,
-            adjoint_max_iter=adjoint_max_iter))
+            adjoint_max_iter=adjoint_max_iter, **library_options))
         self.info: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -315,8 +315,9 @@ class DEQ(nn.Module):
             (``implicit bench --quick``: 17 calls on the ResNet cell against forward
             iteration's 30, and the least time there).
         backward: a registered backward name or an :class:`implicit.BackwardStrategy`;
-            default ``"ift"``, the implicit-function-theorem gradient (damped in training,
-            see its docs), exact outside training and to any order.
+            default ``"ift"``, the implicit-function-theorem gradient: exact outside
+            training and for tightly solved batches (to any order); for an inexact ``z*`` in
+            training its ``training_adjoint`` (default ``"calibrated"``, see its docs).
         tol, max_iter, stop, policy: override the solver's stopping rule and failure policy
             (``policy``: ``"warn"``, ``"raise"`` or ``"ignore"``).
         eval_tol, eval_max_iter: stopping rule in eval mode (default: the training one).
@@ -337,7 +338,11 @@ class DEQ(nn.Module):
             the two agree; when a solve stops early ``f(z*)`` is one more step towards it,
             for the price of one cell call (and one VJP in backward). The gradient stays the
             backward strategy's: through ``f(z*(θ), θ)`` the IFT gives exactly
-            ``(I − J)⁻¹ ∂f/∂θ`` again.
+            ``(I − J)⁻¹ ∂f/∂θ`` again. ``"state"`` returns what the backward strategy returns,
+            which is ``z*`` except where a strategy defines its training output otherwise:
+            ``ift``'s default training adjoint (``"calibrated"``) returns ``f(z*)``, one more
+            step with its graph, for a batch whose solve is inexact (``layer.solution.z`` is
+            ``z*`` either way).
         compact: evaluate the cell only on the samples the forward solver still iterates,
             once at most 3/4 of the batch is (CPU; :func:`implicit.iterate`'s ``fn_rows``).
             ``None`` (default): when the cell declares ``batch_independent = True`` (the

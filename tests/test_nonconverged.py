@@ -95,12 +95,13 @@ def _dense_gradients(cell, z, x, upstream, gain=1.0, step=False):
 
 @pytest.mark.parametrize("readout", ["state", "step"])
 def test_capped_forward_gets_the_implicit_gradient_at_the_returned_iterate(readout):
-    """A forward solve stopped after 3 calls: the gradient is the (default: damped, in training)
-    IFT formula evaluated at the iterate it returned (the adjoint solved tightly), for both
+    """A forward solve stopped after 3 calls: the gradient is the damped (in training) IFT
+    formula evaluated at the iterate it returned (the adjoint solved tightly), for both
     readouts."""
     cell = _cell()
     layer = implicit.DEQ(cell, solver="forward", backward=implicit.make_backward(
-        "ift", tol=1e-13, max_iter=400), max_iter=3, policy="ignore", readout=readout)
+        "ift", tol=1e-13, max_iter=400, training_adjoint="damped"), max_iter=3,
+        policy="ignore", readout=readout)
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     assert not layer.solution.converged.any()
@@ -187,7 +188,7 @@ def test_training_damps_exactly_the_samples_whose_forward_solve_is_loose():
     """Per sample: a sample saturated by a large input contracts fast and is solved to 1e-13,
     one with a small input stops at the cap far above exact_below; only the second is damped."""
     cell = _cell(scale=0.97)
-    backward = implicit.make_backward("ift", tol=1e-13, max_iter=400)
+    backward = implicit.make_backward("ift", tol=1e-13, max_iter=400, training_adjoint="damped")
     layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-13, stop="abs",
                          max_iter=25, policy="ignore")
     x = torch.tensor([[0.05, -0.02, 0.01], [30.0, -30.0, 30.0]], dtype=torch.float64)
@@ -203,11 +204,27 @@ def test_training_damps_exactly_the_samples_whose_forward_solve_is_loose():
     assert layer.backward_solution.stats["damped"] == 1
 
 
-def test_default_ift_is_damped_in_training_and_exact_in_eval():
+def test_default_training_adjoint_is_calibrated_and_damping_selects_damped():
+    """The default in training is "calibrated" (window 6); an explicit damping without a
+    training_adjoint selects "damped" (damping=0: the exact adjoint in training, as before the
+    default changed); an explicit training_adjoint wins."""
     backward = implicit.make_backward("ift")
+    assert (backward.training_adjoint, backward.mix_window) == ("calibrated", 6)
     assert 0 < backward.damping < 1
+    assert implicit.make_backward("ift", training_adjoint="averaged").mix_window == 5
+    assert implicit.make_backward("ift", damping=0.0).training_adjoint == "damped"
+    assert implicit.make_backward("ift", damping=0.3,
+                                  training_adjoint="relaxed").training_adjoint == "relaxed"
     with pytest.raises(ValueError, match="damping must be a number in"):
         implicit.make_backward("ift", damping=1.0)
+    cell = _cell()
+    layer = implicit.DEQ(cell, solver="forward", backward=backward, max_iter=3,
+                         policy="ignore")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    out = layer(x)  # a fresh layer trains: f(z*), the calibrated adjoint's output
+    torch.testing.assert_close(out, cell(layer.solution.z, x), rtol=0, atol=1e-14)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.solution.z, rtol=0, atol=0)
 
 
 class _Affine(torch.nn.Module):
@@ -486,3 +503,25 @@ def test_calibrated_training_adjoint_is_torchdeqs_gradient_made_scale_free():
     cell.A.grad = None
     out = layer(xs[0])
     torch.testing.assert_close(out, layer.solution.z, rtol=0, atol=0)
+
+
+def test_calibrated_training_adjoint_refuses_create_graph_and_tight_solves_are_exact():
+    """The calibrated adjoint is first order: backward with create_graph=True through a loose
+    solve in training raises an error that names the way out; a layer whose forward solve is
+    at or below exact_below gets the exact adjoint, whose second derivative equals backprop
+    through the unrolled iterations."""
+    cell = _cell(scale=0.6)
+    x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loose = implicit.DEQ(cell, solver="forward", max_iter=3, policy="ignore")
+    xr = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="training_adjoint='damped'"):
+        torch.autograd.grad(loose(xr).pow(2).sum(), xr, create_graph=True)
+    hessians = []
+    for backward in ("ift", "unrolled"):
+        layer = implicit.DEQ(cell, solver="forward", backward=backward, tol=1e-14, stop="abs",
+                             max_iter=200)
+        assert layer.training
+        xr = x.clone().requires_grad_()
+        (forces,) = torch.autograd.grad(layer(xr).pow(2).sum(), xr, create_graph=True)
+        hessians.append(torch.autograd.grad(forces.pow(2).sum(), xr)[0])
+    torch.testing.assert_close(hessians[0], hessians[1], rtol=1e-8, atol=1e-10)
