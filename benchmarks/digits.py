@@ -45,7 +45,8 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25):
     return (x[~test_mask], y[~test_mask]), (x[test_mask], y[test_mask])
 
 
-def build_model(features: int = 64, solver: str = "anderson", backward: str = "ift",
+def build_model(features: int = 64, solver: str = "anderson",
+                backward: "str | implicit.BackwardStrategy" = "ift",
                 tol: float = 1e-4, **deq_options) -> nn.Sequential:
     cell = implicit.make_cell("tanh", features=features, in_features=features)
     deq = implicit.DEQ(cell, solver=solver, backward=backward, tol=tol, max_iter=40,
@@ -54,7 +55,8 @@ def build_model(features: int = 64, solver: str = "anderson", backward: str = "i
 
 
 def make_trainer(epochs: int, *, seed: int = 0, lr: float = 3e-3, batch_size: int = 64,
-                 backward: str = "ift", autocast_dtype=None, features: int = 64,
+                 backward: "str | implicit.BackwardStrategy" = "ift", autocast_dtype=None,
+                 features: int = 64,
                  **deq_options) -> Trainer:
     train, test = load_digits_split(seed)
     torch.manual_seed(seed)
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--backward", default="ift")
+    parser.add_argument("--training-adjoint", choices=["calibrated", "damped", "relaxed",
+                                                       "averaged"],
+                        help="ift's training adjoint (default: ift's default, calibrated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--autocast", choices=["bfloat16", "float16"])
     parser.add_argument("--tol", type=float, help="DEQ tolerance (default 1e-4; 2e-2 under "
@@ -87,7 +92,12 @@ def main(argv=None) -> int:
     rank, _ = distributed_from_env()
     dtype = getattr(torch, args.autocast) if args.autocast else None
     tol = args.tol if args.tol is not None else (2e-2 if dtype is not None else 1e-4)
-    trainer = make_trainer(args.epochs, seed=args.seed, lr=args.lr, backward=args.backward,
+    backward = args.backward
+    if args.training_adjoint is not None:
+        if backward != "ift":
+            parser.error("--training-adjoint is an option of --backward ift")
+        backward = implicit.make_backward("ift", training_adjoint=args.training_adjoint)
+    trainer = make_trainer(args.epochs, seed=args.seed, lr=args.lr, backward=backward,
                            autocast_dtype=dtype, tol=tol)
     checkpoint = args.out / "checkpoint.pt" if args.out else None
     if args.resume and checkpoint is not None and checkpoint.is_file():

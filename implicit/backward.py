@@ -40,6 +40,10 @@ class Problem:
         training: the layer is in training mode. A strategy may then form a regularised
             gradient that it documents (``ift``'s ``damping``); outside training it forms the
             gradient its name promises.
+        memory: a dict the layer keeps across its forwards and saves in its ``state_dict``,
+            for what a strategy fixes once per layer and must keep on resume (``ift``'s
+            calibrated ridge unit): a strategy keeps its entries under its own name. None
+            outside a layer (the strategy then keeps them itself).
     """
 
     fn: FlatFn
@@ -53,6 +57,7 @@ class Problem:
     #: ``fn`` on a subset of the samples, ``fn_rows(z_rows, rows)``, for batch-independent
     #: cells (the loop then skips stopped samples; see :func:`implicit.iterate`); or None
     fn_rows: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    memory: Optional[dict] = None
 
     @property
     def requires_grad(self) -> bool:

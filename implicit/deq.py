@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 import contextlib
+import copy
 import warnings
 
 import attrs
@@ -87,6 +88,11 @@ def _explain_input_mismatch(cell: nn.Module, x: Any, exc: Exception) -> None:
                 f"x has dtype {t.dtype}{kind} but the cell's parameters are {param.dtype}; "
                 f"make them the same (x.to({param.dtype})"
                 + (f" or layer.to({t.dtype}))" if t.is_floating_point() else ")")) from exc
+
+
+def _default_extra_state(module, state_dict, prefix, *args) -> None:
+    """A ``state_dict`` saved before the layer had extra state loads with an empty memory."""
+    state_dict.setdefault(prefix + "_extra_state", {"backward_memory": {}})
 
 
 class EquilibriumWarning(UserWarning):
@@ -436,6 +442,10 @@ class DEQ(nn.Module):
         self.jacobian_loss: Optional[torch.Tensor] = None
         # training-mode forwards so far (a buffer: it survives state_dict round trips)
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
+        # what a backward strategy fixes once for this layer (Problem.memory), saved in the
+        # state_dict as extra state; a state_dict without it (older checkpoints) loads empty
+        self._backward_memory: dict = {}
+        self.register_load_state_dict_pre_hook(_default_extra_state)
         self.solution: Optional[Solution] = None
         self.backward_solution: Optional[Solution] = None
         # a compiled solver's forward without grad as one compiled call, injection included
@@ -443,6 +453,13 @@ class DEQ(nn.Module):
         # and shown the cell's map traceable, False once the fused call failed where the
         # general path did not
         self._fuse: Optional[bool] = None
+
+    def get_extra_state(self) -> dict:
+        return {"backward_memory": copy.deepcopy(self._backward_memory)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._backward_memory.clear()
+        self._backward_memory.update(copy.deepcopy(state.get("backward_memory", {})))
 
     def _record_backward(self, solution: Solution) -> None:
         self.backward_solution = solution
@@ -613,6 +630,7 @@ class DEQ(nn.Module):
             spec=spec,
             on_backward_solution=self._record_backward,
             training=self.training,
+            memory=self._backward_memory,
         )
         if self.training:
             self.train_steps.add_(1)  # (in place: no nn.Module.__setattr__ on every forward)

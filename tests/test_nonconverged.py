@@ -480,12 +480,13 @@ def test_calibrated_training_adjoint_is_torchdeqs_gradient_made_scale_free():
             (out * up * loss_scale).sum().backward()
             grads.append(cell.A.grad.clone() / loss_scale)
             chosen.append(z)
-        runs.append((grads, chosen, backward))
-    (grads, zs, backward), (scaled, _, _) = runs
+        runs.append((grads, chosen, layer))
+    (grads, zs, first), (scaled, _, _) = runs
     for a, b in zip(grads, scaled):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
     unit = float((ups[0] ** 2).sum(dim=1).mean())  # the first batch's mean ‖y‖²
-    assert backward._calibration == {"mean_square": pytest.approx(unit)}
+    memory = first.state_dict()["_extra_state"]["backward_memory"]
+    assert memory == {"ift:calibrated": {"mean_square": pytest.approx(unit)}}
     jac = A.numpy()
     lowest_differs = False
     for grad, z, up in zip(grads, zs, ups):
@@ -525,3 +526,44 @@ def test_calibrated_training_adjoint_refuses_create_graph_and_tight_solves_are_e
         (forces,) = torch.autograd.grad(layer(xr).pow(2).sum(), xr, create_graph=True)
         hessians.append(torch.autograd.grad(forces.pow(2).sum(), xr)[0])
     torch.testing.assert_close(hessians[0], hessians[1], rtol=1e-8, atol=1e-10)
+
+
+def test_calibrated_unit_is_the_layers_and_survives_a_state_dict_round_trip():
+    """The calibrated ridge's unit is fixed by a layer's first training batch and saved in its
+    state_dict: a fresh layer loaded from it forms the same gradient on the next batch as the
+    original (a fresh layer that is not loaded calibrates on that batch instead, and differs);
+    two layers sharing one strategy keep their own units; a state_dict without the extra state
+    (saved before it existed) loads."""
+    A = torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
+                     dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, 3, dtype=torch.float64, generator=gen) for _ in range(2)]
+    ups = [torch.randn(3, 3, dtype=torch.float64, generator=gen),
+           0.01 * torch.randn(3, 3, dtype=torch.float64, generator=gen)]
+    shared = implicit.make_backward("ift", max_iter=8, window=3)
+
+    def layer():
+        return implicit.DEQ(_Affine(A), solver="forward", backward=shared, tol=1e-13,
+                            stop="abs", max_iter=4, policy="ignore")
+
+    def grad(net, x, up):
+        net.cell.A.grad = None
+        (net(x) * up).sum().backward()
+        return net.cell.A.grad.clone()
+
+    first = layer()
+    grad(first, xs[0], ups[0])
+    state = first.state_dict()
+    unit = state["_extra_state"]["backward_memory"]["ift:calibrated"]["mean_square"]
+    assert unit == pytest.approx(float((ups[0] ** 2).sum(dim=1).mean()))
+    resumed, fresh = layer(), layer()
+    resumed.load_state_dict(state)
+    want = grad(first, xs[1], ups[1])
+    torch.testing.assert_close(grad(resumed, xs[1], ups[1]), want, rtol=0, atol=0)
+    assert not torch.allclose(grad(fresh, xs[1], ups[1]), want)  # calibrated on batch 2
+    fresh_unit = fresh.state_dict()["_extra_state"]["backward_memory"]["ift:calibrated"]
+    assert fresh_unit["mean_square"] != pytest.approx(unit)  # the shared strategy's layers
+    old = {k: v for k, v in state.items() if k != "_extra_state"}
+    reloaded = layer()
+    reloaded.load_state_dict(old)  # strict
+    assert reloaded.state_dict()["_extra_state"] == {"backward_memory": {}}

@@ -137,8 +137,9 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #:   fixed once in units of the mean ``‖y‖²`` of the first training batch this strategy
     #:   sees (so the mix averages more as the gradients shrink over training, while a loss
     #:   scaled by a constant trains the same), returning each sample's image of lowest
-    #:   relative residual from the second call on. Give each layer its own strategy: the
-    #:   unit is the strategy's;
+    #:   relative residual from the second call on. The unit is the layer's: it is saved in
+    #:   the layer's ``state_dict`` and kept on resume, and layers sharing one strategy each
+    #:   keep their own;
     #: - ``"damped"``: ``w = (1 − damping) Jᵀ w + y`` solved by the adjoint solver;
     #: - ``"relaxed"``: ``max_iter`` steps of ``w ← (1 − relaxation) w + relaxation (Jᵀ w +
     #:   y)`` from ``w = y``, the last iterate;
@@ -171,8 +172,9 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #: cell) the extra cell call costs more than it saves (``implicit bench --compile``, docs
     #: "Compiled solves")
     compile: Union[None, bool, str] = attrs.field(default=None, validator=_compile_option)
-    #: ``training_adjoint="calibrated"``'s unit of ridge, set by the first training backward
-    #: (``{"mean_square": mean ‖y‖²}``); not copied by ``attrs.evolve``
+    #: ``training_adjoint="calibrated"``'s unit of ridge for problems without a layer's
+    #: memory (``Problem.memory``; a ``DEQ`` keeps the unit in its own state_dict), set by the
+    #: first training backward (``{"mean_square": mean ‖y‖²}``); not copied by ``attrs.evolve``
     _calibration: dict = attrs.field(factory=dict, init=False, eq=False, repr=False)
 
     @property
@@ -266,8 +268,11 @@ class ImplicitBackward(implicit.BackwardStrategy):
             if self.training_adjoint == "relaxed":
                 adjoint_solver = self.relaxed_solver(adjoint_solver)
             elif self.training_adjoint == "calibrated":
+                # the unit is the layer's (saved with it) where the problem comes from a layer
+                calibration = (self._calibration if problem.memory is None
+                               else problem.memory.setdefault("ift:calibrated", {}))
                 averaged = _Averaged(window=self.mix_window, ridge=self.ridge,
-                                     calibration=self._calibration, lowest=True)
+                                     calibration=calibration, lowest=True)
             else:
                 averaged = _Averaged(window=self.mix_window, ridge=self.ridge)
             gain = 1.0
