@@ -448,6 +448,19 @@ def _calibrated_reference(jac, y, unit, ridge, window, calls, lowest=True):
     return kept * size
 
 
+def _growing_problem(seed):
+    """A linear cell's matrix with the eigenvalue 1.2 (the averaged iteration grows, so its
+    lowest-residual image is not its last), two batches of inputs, and two upstream gradients
+    a hundred times apart in size."""
+    A = torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
+                     dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(3, 3, dtype=torch.float64, generator=gen) for _ in range(2)]
+    ups = [torch.randn(3, 3, dtype=torch.float64, generator=gen),
+           0.01 * torch.randn(3, 3, dtype=torch.float64, generator=gen)]
+    return A, xs, ups
+
+
 def test_calibrated_training_adjoint_is_torchdeqs_gradient_made_scale_free():
     """training_adjoint="calibrated": in training the layer returns f(z*) with the graph of
     that step; the gradient is (∂f/∂θ at z*)ᵀ w with w the averaged iteration (Jacobian at
@@ -456,13 +469,7 @@ def test_calibrated_training_adjoint_is_torchdeqs_gradient_made_scale_free():
     the gradients' scale; in eval it is the exact adjoint at z*."""
     import numpy as np
 
-    # eigenvalue 1.2: the iteration grows, so the lowest-residual image is not the last one
-    A = torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
-                     dtype=torch.float64)
-    gen = torch.Generator().manual_seed(8)
-    xs = [torch.randn(3, 3, dtype=torch.float64, generator=gen) for _ in range(2)]
-    ups = [torch.randn(3, 3, dtype=torch.float64, generator=gen),
-           0.01 * torch.randn(3, 3, dtype=torch.float64, generator=gen)]
+    A, xs, ups = _growing_problem(8)
     runs = []
     for loss_scale in (1.0, 64.0):
         cell = _Affine(A)
@@ -534,12 +541,7 @@ def test_calibrated_unit_is_the_layers_and_survives_a_state_dict_round_trip():
     original (a fresh layer that is not loaded calibrates on that batch instead, and differs);
     two layers sharing one strategy keep their own units; a state_dict without the extra state
     (saved before it existed) loads."""
-    A = torch.tensor([[0.85, 0.35, 0.0], [0.35, 0.85, 0.0], [0.0, 0.0, -0.6]],
-                     dtype=torch.float64)
-    gen = torch.Generator().manual_seed(5)
-    xs = [torch.randn(3, 3, dtype=torch.float64, generator=gen) for _ in range(2)]
-    ups = [torch.randn(3, 3, dtype=torch.float64, generator=gen),
-           0.01 * torch.randn(3, 3, dtype=torch.float64, generator=gen)]
+    A, xs, ups = _growing_problem(5)
     shared = implicit.make_backward("ift", max_iter=8, window=3)
 
     def layer():

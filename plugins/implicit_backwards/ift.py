@@ -134,8 +134,8 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #: - ``"calibrated"`` (default): the layer returns one more step ``f(z*)`` with the
     #:   autograd graph of that step (its gradient to the parameters ``(∂f/∂θ at z*)ᵀ w``),
     #:   and ``w`` is the averaged iteration (below) with the Jacobian at ``f(z*)``, its ridge
-    #:   fixed once in units of the mean ``‖y‖²`` of the first training batch this strategy
-    #:   sees (so the mix averages more as the gradients shrink over training, while a loss
+    #:   fixed once in units of the mean ``‖y‖²`` of the layer's first training batch (so
+    #:   the mix averages more as the gradients shrink over training, while a loss
     #:   scaled by a constant trains the same), returning each sample's image of lowest
     #:   relative residual from the second call on. The unit is the layer's: it is saved in
     #:   the layer's ``state_dict`` and kept on resume, and layers sharing one strategy each
