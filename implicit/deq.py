@@ -455,9 +455,11 @@ class DEQ(nn.Module):
         self._fuse: Optional[bool] = None
 
     def get_extra_state(self) -> dict:
+        """What the backward strategy fixed once for this layer (``Problem.memory``)."""
         return {"backward_memory": copy.deepcopy(self._backward_memory)}
 
     def set_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
         self._backward_memory.clear()
         self._backward_memory.update(copy.deepcopy(state.get("backward_memory", {})))
 

@@ -172,7 +172,9 @@ def test_deq_training_step_compiled_with_inductor_matches_eager():
         # the adjoint compiles only when ift is given a compiled solver (by default a compiled
         # forward solver's adjoint runs eagerly: its VJPs are graph breaks)
         solver = implicit.make_solver("anderson", compile=compiled)
-        backward = implicit.make_backward("ift", solver=solver) if compiled else "ift"
+        # (the damped training adjoint is a solve; the calibrated one runs its own eager loop)
+        backward = implicit.make_backward("ift", solver=solver if compiled else None,
+                                          training_adjoint="damped")
         layer = implicit.DEQ(cell, solver=solver, backward=backward, tol=1e-5, max_iter=40)
         xr = x.clone().requires_grad_()
         z = layer(xr)
@@ -236,13 +238,16 @@ def test_ift_compile_option_chooses_the_adjoint_loop():
     torch.manual_seed(0)
     cell = implicit.make_cell("tanh", features=8)
     x = torch.randn(5, 8)
+    damped = {"training_adjoint": "damped"}  # a solve in training (calibrated: its own loop)
     cases = {
-        "eager": ("anderson", implicit.make_backward("ift")),
+        "eager": ("anderson", implicit.make_backward("ift", **damped)),
         "default": (implicit.make_solver("anderson", compile="aot_eager"),
-                    implicit.make_backward("ift")),
-        "adjoint only": ("anderson", implicit.make_backward("ift", compile="aot_eager")),
+                    implicit.make_backward("ift", **damped)),
+        "adjoint only": ("anderson", implicit.make_backward("ift", compile="aot_eager",
+                                                            **damped)),
         "never": ("forward", implicit.make_backward(
-            "ift", solver=implicit.make_solver("forward", compile="aot_eager"), compile=False)),
+            "ift", solver=implicit.make_solver("forward", compile="aot_eager"), compile=False,
+            **damped)),
     }
     for training in (True, False):
         grads, loops = {}, {}

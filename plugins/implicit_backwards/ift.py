@@ -162,7 +162,9 @@ class ImplicitBackward(implicit.BackwardStrategy):
     #: samples with large gradients against the unit are mixed by Anderson's
     #: residual-minimising weights, those with small ones averaged. None: the plain average
     ridge: Optional[float] = attrs.field(default=RIDGE, validator=_optional_positive)
-    #: the adjoint solve compiled (:mod:`implicit.compiled`): None (default) only when
+    #: the adjoint solve compiled (:mod:`implicit.compiled`; the exact and damped adjoints,
+    #: which are solves — the calibrated, averaged and relaxed training adjoints run their own
+    #: eager loops): None (default) only when
     #: ``solver`` is a compiled solver; True (inductor) or a torch.compile backend name: the
     #: adjoint solver with that ``compile`` (forward iteration, Anderson); False: never. A
     #: compiled adjoint takes its products ``Jᵀ w`` by ``torch.func.vjp``, re-evaluating the
