@@ -55,12 +55,12 @@ def training_parity() -> str:
 
 
 def training_parity_digits(name: str = "cpu-training-parity-digits") -> str:
-    """Accuracy only: these runs did not share the cores alike, so their times compare
-    nothing (the JSON keeps them)."""
+    """Lockstep runs: accuracy and the time ratio, as for MNIST-1D."""
     data = _load(name)
-    table = _parity_module().markdown(data["summary"])
-    rows = ["|".join(line.split("|")[:4]) + "|" for line in table.splitlines()]
-    return "\n".join(rows) + f"\n\nCommand: `{data['command']}`.\n"
+    schedule = data["runs"][0].get("schedule", "paired processes")
+    return (_parity_module().markdown(data["summary"]) + "\n\n"
+            f"digits, 20 epochs, one thread, schedule: {schedule}. Command: "
+            f"`{data['command']}`.\n")
 
 
 def training_parity_ablation() -> str:
@@ -348,8 +348,6 @@ def contention() -> str:
 GENERATORS: dict[str, Callable[[], str]] = {
     "training-parity": training_parity,
     "training-parity-digits": training_parity_digits,
-    "training-parity-digits-recheck": lambda: training_parity_digits(
-        "cpu-training-parity-digits-recheck"),
     "problems": problems,
     "problems-calls": lambda: problems(calls=True),
     "digits": digits,
