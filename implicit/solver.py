@@ -479,7 +479,10 @@ def iterate(
     if z0.dim() != 2:
         raise ValueError(f"iterate works on flat (B, n) states, got shape {tuple(z0.shape)}")
     if solver.compile:
-        return _compiled.iterate_compiled(solver, fn, z0, spec=spec, what=what)
+        # the compiled loop builds on this module's names: imported here, not at the top
+        from .compiled import iterate_compiled
+
+        return iterate_compiled(solver, fn, z0, spec=spec, what=what)
     if solver.threads is None:  # torch's setting: no context to enter
         return _iterate(solver, fn, z0, spec, what, fn_rows)
     with _thread_count(solver.threads, z0) as threads:
@@ -791,6 +794,3 @@ class _Best:
             stop_abs=self.stop_abs,
         )
 
-
-# the compiled loop (it imports this module's names, so it comes last)
-from . import compiled as _compiled  # noqa: E402
