@@ -466,6 +466,7 @@ def _averaged(adjoint_map: Callable[[torch.Tensor], torch.Tensor], y: torch.Tens
     images = y.new_zeros(batch, window, y.shape[1])
     residuals = torch.zeros_like(images) if ridge is not None else None
     gram = y.new_zeros(batch, window, window) if ridge is not None else None
+    ones = y.new_ones(batch, window, 1)  # the right-hand side of every mix's small system
     images[:, 0] = y
     if ridge is not None:
         residuals[:, 0] = y  # u = 0
@@ -490,7 +491,7 @@ def _averaged(adjoint_map: Callable[[torch.Tensor], torch.Tensor], y: torch.Tens
             system.diagonal(dim1=-2, dim2=-1).add_(ridge)  # (B, 1): per sample
             # symmetric positive definite (ridge > 0): a Cholesky solve, half LU's cost here
             factor, _ = torch.linalg.cholesky_ex(system)
-            weights = torch.cholesky_solve(system.new_ones(batch, k, 1), factor)
+            weights = torch.cholesky_solve(ones[:, :k], factor)
             weights = weights / weights.sum(dim=1, keepdim=True)
             u = torch.bmm(weights.transpose(1, 2), images[:, :k]).squeeze(1)
         image = adjoint_map(u)
